@@ -1,0 +1,43 @@
+# cbn — batch normalization on the CPU.  `make help` lists the targets.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+RANKS ?= 4
+STAMP := $(VENV)/.cbn-installed
+
+.DEFAULT_GOAL := help
+.PHONY: help venv install build test demo bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+venv: $(PY)  ## create .venv (if missing)
+
+# Build requirements go into the venv so the editable build needs no isolation.
+$(STAMP): $(PY) pyproject.toml setup.py
+	$(PIP) install -q "setuptools>=64" wheel "Cython>=3.0" "numpy>=1.23"
+	$(PIP) install -q --no-build-isolation -e ".[test,mpi]"
+	@touch $(STAMP)
+
+install: $(STAMP)  ## install cbn (editable) with its test and MPI extras into .venv
+
+build: $(STAMP)  ## compile the Cython kernels in place (after editing pyx/)
+	$(PY) setup.py -q build_ext --inplace
+
+test: build  ## set everything up and run the whole test suite
+	$(PY) -m pytest tests -q
+
+demo: build  ## set everything up and run the example
+	$(PY) -m cbn
+	$(PY) mpi_examples/demo_single.py
+
+bench: build  ## benchmarks against PyTorch and NumPy
+	$(PY) benchmarks/run.py
+
+clean:  ## remove build products (keeps .venv)
+	rm -rf build *.egg-info cbn/*.so pyx/*.c cbn/*.c .pytest_cache

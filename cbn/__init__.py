@@ -1,0 +1,15 @@
+"""cbn: batch normalization on the CPU.
+
+Cython+OpenMP kernels; PyTorch-exact layers (``cbn.BatchNorm1d/2d/3d``),
+MindSpore-exact layers (``cbn.mindspore``), and ``cbn.SyncBatchNorm``, which
+normalises with the statistics of the global batch across MPI processes.
+``import cbn`` needs only NumPy: mpi4py and torch are imported on first use.
+"""
+from cbn import functional
+from cbn._config import get_num_threads, set_num_threads
+from cbn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+
+__version__ = "0.1.0"
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "functional",
+           "get_num_threads", "set_num_threads", "__version__"]

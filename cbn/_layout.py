@@ -1,0 +1,219 @@
+"""Input validation and the two memory layouts the kernels understand.
+
+Every array the kernels see is a view of the caller's memory:
+
+* ``ncs``: ``(N, C, S)`` whose last axis is contiguous (S = product of the
+  spatial sizes; N and C may have any strides, negative included);
+* ``mc``: ``(M, C)`` channels-last, the channel axis contiguous (M = N times
+  the spatial sizes).
+
+An input that fits neither is copied once into C order.  Validation happens
+here, in Python; the kernels assume valid input and never raise.
+"""
+import numpy as np
+
+from cbn import _normalize, _stats, _backward
+
+_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+class Batch:
+    """A validated input: its compute array, the kernel view and the layout."""
+
+    __slots__ = ("data", "view", "channels_last", "result_dtype")
+
+    def __init__(self, data, view, channels_last, result_dtype):
+        self.data = data                  # ndarray in float32/float64, caller's shape
+        self.view = view                  # (N, C, S) or (M, C) view of data
+        self.channels_last = channels_last
+        self.result_dtype = result_dtype  # dtype handed back to the caller
+
+    @property
+    def count(self):
+        """Number of values per channel (N times the spatial size)."""
+        view = self.view
+        return view.shape[0] * view.shape[2] if view.ndim == 3 else view.shape[0]
+
+    @property
+    def shape(self):
+        return self.data.shape
+
+    @property
+    def dtype(self):
+        return self.data.dtype
+
+
+def compute_dtype(dtype):
+    """The dtype the kernels run in for an input of ``dtype`` (TypeError if not floating)."""
+    dtype = np.dtype(dtype)
+    if dtype in _NATIVE:
+        return dtype
+    if dtype.kind != "f":
+        raise TypeError(
+            f"batch norm expects a floating-point input (float16, float32 or float64), "
+            f"got dtype {dtype}")
+    return np.dtype(np.float32) if dtype.itemsize <= 4 else np.dtype(np.float64)
+
+
+def _reshaped_view(a, shape):
+    """``a`` viewed with ``shape`` without copying, or None when that needs a copy."""
+    view = a.view()
+    try:
+        view.shape = shape
+    except AttributeError:
+        return None
+    return view
+
+
+def _ncs_view(a):
+    n, c = a.shape[:2]
+    spatial = int(np.prod(a.shape[2:], dtype=np.int64))
+    view = _reshaped_view(a, (n, c, spatial))
+    if view is None or (spatial > 1 and view.strides[2] != a.itemsize):
+        return None
+    if spatial <= 1:
+        view = np.lib.stride_tricks.as_strided(
+            view, (n, c, spatial), (view.strides[0], view.strides[1], a.itemsize))
+    return view
+
+
+def _mc_view(a):
+    if a.strides[1] != a.itemsize and a.shape[1] > 1:
+        return None
+    moved = np.moveaxis(a, 1, -1)
+    c = a.shape[1]
+    view = _reshaped_view(moved, (a.size // c, c))
+    if view is None:
+        return None
+    if c == 1:
+        view = np.lib.stride_tricks.as_strided(view, view.shape, (view.strides[0], a.itemsize))
+    return view
+
+
+def layout_views(a, channels_last=None):
+    """(view, channels_last) of a float32/float64 array, or (None, None) if no layout fits.
+
+    ``channels_last`` None picks the layout that fits (channels-last first for
+    2-D input or a spatial size of 1); True or False asks for that layout only.
+    """
+    n, c = a.shape[:2]
+    spatial = a.size // (n * c) if a.size else int(np.prod(a.shape[2:], dtype=np.int64))
+    if a.size == 0:  # nothing is read or written: any buffer of the right shape will do
+        cl = bool(channels_last)
+        return (np.zeros((n * spatial, c), a.dtype) if cl else np.zeros((n, c, spatial), a.dtype)), cl
+    if channels_last is None:
+        prefer_mc = a.ndim == 2 or spatial == 1
+        makers = (_mc_view, _ncs_view) if prefer_mc else (_ncs_view, _mc_view)
+    else:
+        makers = (_mc_view,) if channels_last else (_ncs_view,)
+    for make in makers:
+        view = make(a)
+        if view is not None:
+            return view, make is _mc_view
+    return None, None
+
+
+def as_batch(x, num_features, valid_ndims, what):
+    """Validate ``x`` and return a Batch.
+
+    ``valid_ndims`` is a tuple of accepted ranks (None: any rank >= 2) and
+    ``what`` names the expected shapes in the error message.
+    """
+    a = np.asarray(x)
+    if valid_ndims is None:
+        if a.ndim < 2:
+            raise ValueError(f"expected an input of rank >= 2 {what}, got shape {a.shape}")
+    elif a.ndim not in valid_ndims:
+        raise ValueError(f"expected {what} input, got a {a.ndim}D input of shape {a.shape}")
+    if a.shape[1] != num_features:
+        raise ValueError(
+            f"expected {num_features} channels (input.shape[1]), got {a.shape[1]} "
+            f"in an input of shape {a.shape}")
+    result_dtype = a.dtype
+    dtype = compute_dtype(result_dtype)
+    if a.dtype != dtype or not a.dtype.isnative:
+        a = a.astype(dtype)
+    view, channels_last = layout_views(a)
+    if view is None:
+        a = np.ascontiguousarray(a)
+        view, channels_last = layout_views(a)
+    return Batch(a, view, channels_last, result_dtype)
+
+
+def like(batch, y, name="grad_output"):
+    """``y`` (e.g. a gradient) as a Batch with the same shape and layout as ``batch``."""
+    a = np.asarray(y)
+    if a.shape != batch.shape:
+        raise ValueError(f"{name} must have the shape of the last input {batch.shape}, "
+                         f"got {a.shape}")
+    compute_dtype(a.dtype)
+    if a.dtype != batch.dtype or not a.dtype.isnative:
+        a = a.astype(batch.dtype)
+    view, _ = layout_views(a, batch.channels_last)
+    if view is None:
+        a = _copy_in_layout(a, batch.channels_last)
+        view, _ = layout_views(a, batch.channels_last)
+    return Batch(a, view, batch.channels_last, batch.result_dtype)
+
+
+def _copy_in_layout(a, channels_last):
+    out = _empty(a.shape, a.dtype, channels_last)
+    np.copyto(out, a)
+    return out
+
+
+def _empty(shape, dtype, channels_last):
+    if not channels_last:
+        return np.empty(shape, dtype)
+    moved = (shape[0],) + tuple(shape[2:]) + (shape[1],)
+    return np.moveaxis(np.empty(moved, dtype), -1, 1)
+
+
+def empty_like(batch, dtype=None):
+    """An uninitialised Batch with ``batch``'s shape, dtype and layout."""
+    a = _empty(batch.shape, dtype or batch.dtype, batch.channels_last)
+    view, _ = layout_views(a, batch.channels_last)
+    return Batch(a, view, batch.channels_last, batch.result_dtype)
+
+
+def finish(batch):
+    """The caller-facing array of an output Batch (cast back to the input's dtype)."""
+    if batch.result_dtype != batch.dtype:
+        return batch.data.astype(batch.result_dtype)
+    return batch.data
+
+
+# --- kernel dispatch -------------------------------------------------------
+
+def moments(batch, shift, n_threads):
+    """float64 (sum(x - shift), sum((x - shift)**2)) per channel."""
+    c = batch.shape[1]
+    s, q = np.empty(c), np.empty(c)
+    kernel = _stats.moments_mc if batch.channels_last else _stats.moments_ncs
+    kernel(batch.view, shift, s, q, n_threads)
+    return s, q
+
+
+def grad_sums(dy, x, center, n_threads):
+    """float64 (sum(dy), sum(dy * (x - center))) per channel."""
+    c = x.shape[1]
+    s, t = np.empty(c), np.empty(c)
+    kernel = _stats.grad_sums_mc if x.channels_last else _stats.grad_sums_ncs
+    kernel(dy.view, x.view, center, s, t, n_threads)
+    return s, t
+
+
+def scale_shift(x, scale, shift, n_threads, out=None):
+    """x * scale[c] + shift[c] into a new (or the given) Batch."""
+    out = empty_like(x) if out is None else out
+    kernel = _normalize.scale_shift_mc if x.channels_last else _normalize.scale_shift_ncs
+    kernel(x.view, scale, shift, out.view, n_threads)
+    return out
+
+
+def grad_input(dy, x, a, b, m, c, n_threads):
+    """a[c] * dy + b[c] * (x - m[c]) + c[c] into a new Batch."""
+    out = empty_like(x)
+    kernel = _backward.grad_input_mc if x.channels_last else _backward.grad_input_ncs
+    kernel(dy.view, x.view, a, b, m, c, out.view, n_threads)
+    return out

@@ -1,0 +1,201 @@
+"""PyTorch-flavoured batch-norm layers: ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d``.
+
+The base class holds the parameters, the running statistics and the modes;
+the subclasses differ only in the input ranks they accept.  Semantics are
+``torch.nn.BatchNorm*``'s: in training, with ``f = momentum`` (or
+``1 / num_batches_tracked`` when ``momentum is None``)::
+
+    running_mean = (1 - f) * running_mean + f * mean(x)
+    running_var  = (1 - f) * running_var  + f * var_unbiased(x)
+    y = (x - mean(x)) / sqrt(var_biased(x) + eps) * weight + bias
+"""
+import numpy as np
+
+from cbn import _layout
+from cbn import functional as F
+
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+
+_STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+class _BatchNorm:
+    """Base of the PyTorch-flavoured layers: parameters, buffers, modes, forward and backward."""
+
+    _ndims = None          # accepted input ranks (None: any rank >= 2)
+    _shapes = "(N, C, ...)"  # the expected shapes, for error messages
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
+                 track_running_stats=True, dtype=np.float32):
+        if isinstance(num_features, bool) or not isinstance(num_features, (int, np.integer)) \
+                or num_features <= 0:
+            raise ValueError(f"num_features must be a positive integer, got {num_features!r}")
+        if not eps > 0:
+            raise ValueError(f"eps must be > 0, got {eps!r}")
+        if momentum is not None and not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] or None, got {momentum!r}")
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"dtype must be float32 or float64, got {dtype}")
+        self.num_features = int(num_features)
+        self.eps = float(eps)
+        self.momentum = momentum
+        self.affine = bool(affine)
+        self.track_running_stats = bool(track_running_stats)
+        self.dtype = dtype
+        self.training = True
+        self.weight = np.ones(num_features, dtype) if affine else None
+        self.bias = np.zeros(num_features, dtype) if affine else None
+        if track_running_stats:
+            self.running_mean = np.zeros(num_features, dtype)
+            self.running_var = np.ones(num_features, dtype)
+            self.num_batches_tracked = 0
+        else:
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self.grad_weight = None
+        self.grad_bias = None
+        self._saved = None
+
+    # --- modes and state -------------------------------------------------
+
+    def train(self, mode=True):
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def reset_running_stats(self):
+        if self.track_running_stats:
+            self.running_mean[...] = 0
+            self.running_var[...] = 1
+            self.num_batches_tracked = 0
+
+    def reset_parameters(self):
+        self.reset_running_stats()
+        if self.affine:
+            self.weight[...] = 1
+            self.bias[...] = 0
+
+    def state_dict(self):
+        """Copies of the parameters and buffers under PyTorch's keys."""
+        state = {}
+        for key in _STATE_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                state[key] = value if key == "num_batches_tracked" else value.copy()
+        return state
+
+    def load_state_dict(self, state, strict=True):
+        """Load PyTorch-keyed arrays (a torch state dict's tensors work too)."""
+        expected = [k for k in _STATE_KEYS if getattr(self, k) is not None]
+        missing = [k for k in expected if k not in state and k != "num_batches_tracked"]
+        unexpected = [k for k in state if k not in expected]
+        if strict and (missing or unexpected):
+            raise ValueError(f"load_state_dict for {type(self).__name__}: missing keys "
+                             f"{missing}, unexpected keys {unexpected}")
+        arrays = {}
+        for key in expected:
+            if key not in state:
+                continue
+            value = np.asarray(state[key])
+            if key == "num_batches_tracked":
+                if value.shape != () or value.dtype.kind not in "iu":
+                    raise ValueError(f"num_batches_tracked must be an integer scalar, "
+                                     f"got shape {value.shape} and dtype {value.dtype}")
+                arrays[key] = int(value)
+            elif value.shape != (self.num_features,):
+                raise ValueError(f"wrong shape for {key}: expected ({self.num_features},), "
+                                 f"got {value.shape}")
+            else:
+                arrays[key] = value
+        for key, value in arrays.items():
+            if key == "num_batches_tracked":
+                self.num_batches_tracked = value
+            else:
+                getattr(self, key)[...] = value
+
+    # --- computation -----------------------------------------------------
+
+    def _batch(self, x):
+        return _layout.as_batch(x, self.num_features, self._ndims, self._shapes)
+
+    def _factor(self):
+        """The blend factor of this training step (num_batches_tracked already counted)."""
+        if self.momentum is None:
+            return 1.0 / self.num_batches_tracked
+        return self.momentum
+
+    def _batch_moments(self, batch):
+        """(count, s, q, shift) of the batch (count 0: empty); SyncBatchNorm makes them global."""
+        if batch.count == 0:
+            return 0, None, None, None
+        F.check_count(batch.count, batch.shape)
+        return F.moments(batch)
+
+    def _reduce_grad_sums(self):
+        """None, or a function turning local gradient sums into global ones."""
+        return None
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    def forward(self, x):
+        batch = self._batch(x)
+        use_batch_stats = self.training or not self.track_running_stats
+        update = self.training and self.track_running_stats
+        if use_batch_stats:
+            count, s, q, shift = self._batch_moments(batch)
+            if count == 0:
+                # Nothing to normalise with: torch still counts the batch.
+                if update:
+                    self.num_batches_tracked += 1
+                zeros = np.zeros(self.num_features)
+                self._saved = F.Saved(batch, zeros, zeros, self.weight, False, 0)
+                return _layout.finish(_layout.empty_like(batch))
+            mean, var = F.mean_var(count, s, q, shift)
+        else:
+            count = batch.count
+            mean = self.running_mean.astype(np.float64)
+            var = self.running_var.astype(np.float64)
+        if update:
+            self.num_batches_tracked += 1
+            F.update_running(self.running_mean, self.running_var, mean, var, count,
+                             self._factor())
+        y, invstd = F.normalize(batch, mean, var, self.weight, self.bias, self.eps)
+        self._saved = F.Saved(batch, mean, invstd, self.weight, use_batch_stats, count)
+        return _layout.finish(y)
+
+    def backward(self, grad_output):
+        """dL/dx for the last forward; sets ``grad_weight`` and ``grad_bias``."""
+        if self._saved is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
+        dx, grad_weight, grad_bias = F.backward(self._saved, grad_output,
+                                                self._reduce_grad_sums())
+        if self.affine:
+            self.grad_weight = grad_weight.astype(self.dtype)
+            self.grad_bias = grad_bias.astype(self.dtype)
+        return dx
+
+    def __repr__(self):
+        return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"track_running_stats={self.track_running_stats})")
+
+
+class BatchNorm1d(_BatchNorm):
+    """Batch norm over (N, C) or (N, C, L) input, as ``torch.nn.BatchNorm1d``."""
+    _ndims = (2, 3)
+    _shapes = "2D (N, C) or 3D (N, C, L)"
+
+
+class BatchNorm2d(_BatchNorm):
+    """Batch norm over (N, C, H, W) input, as ``torch.nn.BatchNorm2d``."""
+    _ndims = (4,)
+    _shapes = "4D (N, C, H, W)"
+
+
+class BatchNorm3d(_BatchNorm):
+    """Batch norm over (N, C, D, H, W) input, as ``torch.nn.BatchNorm3d``."""
+    _ndims = (5,)
+    _shapes = "5D (N, C, D, H, W)"

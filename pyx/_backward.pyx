@@ -1,0 +1,84 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""The input gradient of the training-mode backward pass.
+
+From the per-channel gradient sums of ``cbn._stats.grad_sums_*`` the caller
+precomputes four coefficients per channel; these kernels then write
+``dx = a[c] * dy + b[c] * (x - m[c]) + c[c]`` in one pass.
+"""
+from cython.parallel cimport prange
+
+from _simd cimport (cbn_row_grad_input_f, cbn_row_grad_input_d,
+                    cbn_rows_grad_input_f, cbn_rows_grad_input_d)
+from _blocks cimport unit_count, ceil_div, threads_for, check_rows, check_extents
+
+ctypedef fused floating:
+    float
+    double
+
+
+def grad_input_ncs(const floating[:, :, :] dy, const floating[:, :, :] x,
+                   const floating[::1] a, const floating[::1] b, const floating[::1] m,
+                   const floating[::1] c, floating[:, :, :] out, int n_threads):
+    """out = a * dy + b * (x - m) + c per channel, for (N, C, S) arrays."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t row, n, ch
+    cdef int threads = threads_for(N * C * S, n_threads)
+    cdef Py_ssize_t axis
+    for axis in range(3):
+        check_extents(x.shape[axis], dy.shape[axis], "dy")
+        check_extents(x.shape[axis], out.shape[axis], "the output")
+    check_rows(dy.strides[2], S, sizeof(floating))
+    check_rows(x.strides[2], S, sizeof(floating))
+    check_rows(out.strides[2], S, sizeof(floating))
+    for axis in range(4):
+        check_extents(C, (a, b, m, c)[axis].shape[0], "a coefficient")
+    if S == 0:
+        return
+    with nogil:
+        for row in prange(N * C, num_threads=threads, schedule='static'):
+            n = row // C
+            ch = row % C
+            if floating is float:
+                cbn_row_grad_input_f(&dy[n, ch, 0], &x[n, ch, 0], &out[n, ch, 0], S,
+                                     a[ch], b[ch], m[ch], c[ch])
+            else:
+                cbn_row_grad_input_d(&dy[n, ch, 0], &x[n, ch, 0], &out[n, ch, 0], S,
+                                     a[ch], b[ch], m[ch], c[ch])
+
+
+def grad_input_mc(const floating[:, :] dy, const floating[:, :] x,
+                  const floating[::1] a, const floating[::1] b, const floating[::1] m,
+                  const floating[::1] c, floating[:, :] out, int n_threads):
+    """out = a * dy + b * (x - m) + c per channel, for channels-last (M, C) arrays."""
+    cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
+    cdef Py_ssize_t units = unit_count(M, C)
+    cdef Py_ssize_t rows_per_unit = ceil_div(M, units)
+    cdef Py_ssize_t dy_stride = dy.strides[0] // sizeof(floating)
+    cdef Py_ssize_t x_stride = x.strides[0] // sizeof(floating)
+    cdef Py_ssize_t out_stride = out.strides[0] // sizeof(floating)
+    cdef Py_ssize_t j, r0, rows
+    cdef int threads = threads_for(M * C, n_threads)
+    cdef Py_ssize_t axis
+    for axis in range(2):
+        check_extents(x.shape[axis], dy.shape[axis], "dy")
+        check_extents(x.shape[axis], out.shape[axis], "the output")
+    check_rows(dy.strides[1], C, sizeof(floating))
+    check_rows(x.strides[1], C, sizeof(floating))
+    check_rows(out.strides[1], C, sizeof(floating))
+    for axis in range(4):
+        check_extents(C, (a, b, m, c)[axis].shape[0], "a coefficient")
+    if M == 0 or C == 0:
+        return
+    with nogil:
+        for j in prange(units, num_threads=threads, schedule='static'):
+            r0 = j * rows_per_unit
+            rows = min(M, r0 + rows_per_unit) - r0
+            if rows > 0:
+                if floating is float:
+                    cbn_rows_grad_input_f(&dy[r0, 0], dy_stride, &x[r0, 0], x_stride,
+                                          &out[r0, 0], out_stride, rows, C,
+                                          &a[0], &b[0], &m[0], &c[0])
+                else:
+                    cbn_rows_grad_input_d(&dy[r0, 0], dy_stride, &x[r0, 0], x_stride,
+                                          &out[r0, 0], out_stride, rows, C,
+                                          &a[0], &b[0], &m[0], &c[0])

@@ -1,0 +1,49 @@
+# How reductions are cut into work units.  The cut depends only on the shape,
+# never on the thread count, and partial results are merged in unit order:
+# so every result is bitwise identical for any number of threads.
+
+# Elements per work unit (about 128 KiB of float32: a unit's rows stay in L2).
+cdef enum:
+    UNIT_ELEMENTS = 32768
+    # At most this many partial results per channel: extra memory stays O(C).
+    MAX_UNITS = 64
+    # Below this many elements, one thread: a parallel region costs more.
+    PARALLEL_MIN = 32768
+    # Below this batch size an (N, C, S) reduction cuts single rows into
+    # segments instead of cutting the batch into chunks, so that small
+    # batches still spread over the threads.
+    SMALL_BATCH = 8
+
+
+cdef inline Py_ssize_t ceil_div(Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef inline Py_ssize_t unit_count(Py_ssize_t rows, Py_ssize_t row_length) noexcept nogil:
+    """Work units for `rows` rows of `row_length` elements (1 <= units <= MAX_UNITS)."""
+    cdef Py_ssize_t units = ceil_div(rows * row_length, UNIT_ELEMENTS)
+    if units > MAX_UNITS:
+        units = MAX_UNITS
+    if units > rows:
+        units = rows
+    if units < 1:
+        units = 1
+    return units
+
+
+cdef inline int threads_for(Py_ssize_t elements, int n_threads) noexcept nogil:
+    return 1 if elements < PARALLEL_MIN else n_threads
+
+
+cdef inline int check_rows(Py_ssize_t last_stride, Py_ssize_t last_extent,
+                           Py_ssize_t itemsize) except -1:
+    """The vectorised loops walk the last axis with unit stride: enforce it."""
+    if last_extent > 1 and last_stride != itemsize:
+        raise ValueError("cbn kernels need arrays whose last axis is contiguous")
+    return 0
+
+
+cdef inline int check_extents(Py_ssize_t expected, Py_ssize_t got, str what) except -1:
+    if got != expected:
+        raise ValueError(f"cbn kernel: {what} has extent {got}, expected {expected}")
+    return 0

@@ -1,0 +1,72 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
+"""Normalisation as one multiply-add per element: ``y = x * scale[c] + shift[c]``.
+
+The per-channel ``scale = weight / sqrt(var + eps)`` and
+``shift = bias - mean * scale`` are computed once by the caller, so the same
+kernel serves training, evaluation and the evaluation-mode backward
+(``dx = dy * scale`` with a zero shift).
+"""
+from cython.parallel cimport prange
+
+from _simd cimport cbn_row_scale_shift_f, cbn_row_scale_shift_d, cbn_rows_scale_shift_f, cbn_rows_scale_shift_d
+from _blocks cimport unit_count, ceil_div, threads_for, check_rows, check_extents
+
+ctypedef fused floating:
+    float
+    double
+
+
+def scale_shift_ncs(const floating[:, :, :] x, const floating[::1] scale,
+                    const floating[::1] shift, floating[:, :, :] out, int n_threads):
+    """out[n, c, :] = x[n, c, :] * scale[c] + shift[c] for an (N, C, S) array."""
+    cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef Py_ssize_t row, n, c
+    cdef int threads = threads_for(N * C * S, n_threads)
+    check_rows(x.strides[2], S, sizeof(floating))
+    check_rows(out.strides[2], S, sizeof(floating))
+    check_extents(N, out.shape[0], "the output")
+    check_extents(C, out.shape[1], "the output")
+    check_extents(S, out.shape[2], "the output")
+    check_extents(C, scale.shape[0], "scale")
+    check_extents(C, shift.shape[0], "shift")
+    if S == 0:
+        return
+    with nogil:
+        for row in prange(N * C, num_threads=threads, schedule='static'):
+            n = row // C
+            c = row % C
+            if floating is float:
+                cbn_row_scale_shift_f(&x[n, c, 0], &out[n, c, 0], S, scale[c], shift[c])
+            else:
+                cbn_row_scale_shift_d(&x[n, c, 0], &out[n, c, 0], S, scale[c], shift[c])
+
+
+def scale_shift_mc(const floating[:, :] x, const floating[::1] scale,
+                   const floating[::1] shift, floating[:, :] out, int n_threads):
+    """out[m, :] = x[m, :] * scale + shift for a channels-last (M, C) array."""
+    cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
+    cdef Py_ssize_t units = unit_count(M, C)
+    cdef Py_ssize_t rows_per_unit = ceil_div(M, units)
+    cdef Py_ssize_t x_stride = x.strides[0] // sizeof(floating)
+    cdef Py_ssize_t out_stride = out.strides[0] // sizeof(floating)
+    cdef Py_ssize_t j, r0, rows
+    cdef int threads = threads_for(M * C, n_threads)
+    check_rows(x.strides[1], C, sizeof(floating))
+    check_rows(out.strides[1], C, sizeof(floating))
+    check_extents(M, out.shape[0], "the output")
+    check_extents(C, out.shape[1], "the output")
+    check_extents(C, scale.shape[0], "scale")
+    check_extents(C, shift.shape[0], "shift")
+    if M == 0 or C == 0:
+        return
+    with nogil:
+        for j in prange(units, num_threads=threads, schedule='static'):
+            r0 = j * rows_per_unit
+            rows = min(M, r0 + rows_per_unit) - r0
+            if rows > 0:
+                if floating is float:
+                    cbn_rows_scale_shift_f(&x[r0, 0], x_stride, &out[r0, 0], out_stride,
+                                           rows, C, &scale[0], &shift[0])
+                else:
+                    cbn_rows_scale_shift_d(&x[r0, 0], x_stride, &out[r0, 0], out_stride,
+                                           rows, C, &scale[0], &shift[0])

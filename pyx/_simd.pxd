@@ -1,0 +1,43 @@
+# Declarations of the vectorised inner loops in cbn_simd.h, shared by the
+# kernel modules.  Each exists for float (suffix _f) and double (suffix _d).
+
+cdef extern from "cbn_simd.h" nogil:
+    void cbn_row_moments_f(const float *x, Py_ssize_t n, double k, double *s, double *q)
+    void cbn_row_moments_d(const double *x, Py_ssize_t n, double k, double *s, double *q)
+    void cbn_rows_moments_f(const float *x, Py_ssize_t rows, Py_ssize_t row_stride,
+                            Py_ssize_t C, const double *k, double *s, double *q)
+    void cbn_rows_moments_d(const double *x, Py_ssize_t rows, Py_ssize_t row_stride,
+                            Py_ssize_t C, const double *k, double *s, double *q)
+
+    void cbn_row_scale_shift_f(const float *x, float *y, Py_ssize_t n, float a, float b)
+    void cbn_row_scale_shift_d(const double *x, double *y, Py_ssize_t n, double a, double b)
+    void cbn_rows_scale_shift_f(const float *x, Py_ssize_t x_stride, float *y,
+                                Py_ssize_t y_stride, Py_ssize_t rows, Py_ssize_t C,
+                                const float *a, const float *b)
+    void cbn_rows_scale_shift_d(const double *x, Py_ssize_t x_stride, double *y,
+                                Py_ssize_t y_stride, Py_ssize_t rows, Py_ssize_t C,
+                                const double *a, const double *b)
+
+    void cbn_row_grad_sums_f(const float *dy, const float *x, Py_ssize_t n, double k,
+                             double *s, double *t)
+    void cbn_row_grad_sums_d(const double *dy, const double *x, Py_ssize_t n, double k,
+                             double *s, double *t)
+    void cbn_rows_grad_sums_f(const float *dy, Py_ssize_t dy_stride, const float *x,
+                              Py_ssize_t x_stride, Py_ssize_t rows, Py_ssize_t C,
+                              const double *k, double *s, double *t)
+    void cbn_rows_grad_sums_d(const double *dy, Py_ssize_t dy_stride, const double *x,
+                              Py_ssize_t x_stride, Py_ssize_t rows, Py_ssize_t C,
+                              const double *k, double *s, double *t)
+
+    void cbn_row_grad_input_f(const float *dy, const float *x, float *dx, Py_ssize_t n,
+                              float a, float b, float m, float c)
+    void cbn_row_grad_input_d(const double *dy, const double *x, double *dx, Py_ssize_t n,
+                              double a, double b, double m, double c)
+    void cbn_rows_grad_input_f(const float *dy, Py_ssize_t dy_stride, const float *x,
+                               Py_ssize_t x_stride, float *dx, Py_ssize_t dx_stride,
+                               Py_ssize_t rows, Py_ssize_t C, const float *a,
+                               const float *b, const float *m, const float *c)
+    void cbn_rows_grad_input_d(const double *dy, Py_ssize_t dy_stride, const double *x,
+                               Py_ssize_t x_stride, double *dx, Py_ssize_t dx_stride,
+                               Py_ssize_t rows, Py_ssize_t C, const double *a,
+                               const double *b, const double *m, const double *c)
