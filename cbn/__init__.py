@@ -8,8 +8,9 @@ normalises with the statistics of the global batch across MPI processes.
 from cbn import functional
 from cbn._config import get_num_threads, set_num_threads
 from cbn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
+from cbn.sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "functional",
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "functional",
            "get_num_threads", "set_num_threads", "__version__"]

@@ -142,6 +142,8 @@ def as_batch(x, num_features, valid_ndims, what):
 
 def like(batch, y, name="grad_output"):
     """``y`` (e.g. a gradient) as a Batch with the same shape and layout as ``batch``."""
+    if isinstance(y, Batch):
+        return y
     a = np.asarray(y)
     if a.shape != batch.shape:
         raise ValueError(f"{name} must have the shape of the last input {batch.shape}, "

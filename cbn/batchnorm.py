@@ -141,7 +141,9 @@ class _BatchNorm:
         return self.forward(x)
 
     def forward(self, x):
-        batch = self._batch(x)
+        return self._forward(self._batch(x))
+
+    def _forward(self, batch):
         use_batch_stats = self.training or not self.track_running_stats
         update = self.training and self.track_running_stats
         if use_batch_stats:

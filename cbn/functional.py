@@ -48,16 +48,18 @@ def moments(batch, shift=None):
 
 def mean_var(count, s, q, shift):
     """float64 per-channel mean and biased variance from shifted sums."""
-    mean = shift + s / count
-    var = (q - s * (s / count)) / count
-    np.maximum(var, 0.0, out=var)
+    with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN stay in their channel
+        mean = shift + s / count
+        var = (q - s * (s / count)) / count
+        np.maximum(var, 0.0, out=var)
     return mean, var
 
 
-def check_count(count, shape):
+def check_count(count, shape, where=""):
+    """PyTorch's error for a training batch with at most one value per channel."""
     if count <= 1:
-        raise ValueError(
-            f"Expected more than 1 value per channel when training, got input size {tuple(shape)}")
+        raise ValueError(f"Expected more than 1 value per channel when training, "
+                         f"got input size {tuple(shape)}{where}")
 
 
 def update_running(running_mean, running_var, mean, var, count, factor):
@@ -66,11 +68,12 @@ def update_running(running_mean, running_var, mean, var, count, factor):
     running_mean = (1 - factor) * running_mean + factor * mean
     running_var  = (1 - factor) * running_var  + factor * var * count / (count - 1)
     """
-    if running_mean is not None:
-        running_mean[...] = (1.0 - factor) * running_mean + factor * mean
-    if running_var is not None:
-        unbiased = var * (count / (count - 1.0))
-        running_var[...] = (1.0 - factor) * running_var + factor * unbiased
+    with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN stay in their channel
+        if running_mean is not None:
+            running_mean[...] = (1.0 - factor) * running_mean + factor * mean
+        if running_var is not None:
+            unbiased = var * (count / (count - 1.0))
+            running_var[...] = (1.0 - factor) * running_var + factor * unbiased
 
 
 def normalize(batch, mean, var, weight, bias, eps, out=None):

@@ -1,0 +1,118 @@
+"""cbn.functional.batch_norm against the float64 twin.
+
+Same semantics as torch.nn.functional.batch_norm: batch statistics when
+`training`, the given running statistics otherwise; running statistics that are
+not None are updated in place when training.
+"""
+
+import numpy as np
+import pytest
+
+from cbn.functional import batch_norm
+from twin import twin_batch_norm
+
+TOL = {np.float32: 1e-5, np.float64: 1e-11}
+SHAPES = [(6, 3), (4, 3, 5), (3, 3, 4, 5), (2, 3, 2, 3, 4)]
+
+
+def make_input(rng, shape, dtype):
+    channels = shape[1]
+    bshape = (1, channels) + (1,) * (len(shape) - 2)
+    offsets = rng.uniform(-3, 3, channels).reshape(bshape)
+    spreads = rng.uniform(0.5, 2.0, channels).reshape(bshape)
+    return (offsets + spreads * rng.standard_normal(shape)).astype(dtype)
+
+
+def assert_close(actual, expected, tol, what):
+    scale = max(float(np.max(np.abs(expected), initial=0.0)), 1.0)
+    assert np.shape(actual) == np.shape(expected), what
+    np.testing.assert_allclose(np.asarray(actual, np.float64), expected, rtol=0, atol=tol * scale,
+                               err_msg=what)
+
+
+@pytest.mark.parametrize("affine", [True, False])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_batch_norm_matches_twin(rng, shape, dtype, training, affine):
+    channels = shape[1]
+    running_mean = rng.uniform(-1, 1, channels).astype(dtype)
+    running_var = rng.uniform(0.5, 2, channels).astype(dtype)
+    weight = rng.uniform(0.5, 2, channels).astype(dtype) if affine else None
+    bias = rng.uniform(-1, 1, channels).astype(dtype) if affine else None
+    x = make_input(rng, shape, dtype)
+    x_before = x.copy()
+    momentum, eps = 0.25, 1e-3
+    ref = twin_batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps)
+    mean_object, var_object = running_mean, running_var
+    old_mean, old_var = running_mean.copy(), running_var.copy()
+
+    y = batch_norm(x, running_mean, running_var, weight, bias, training=training,
+                   momentum=momentum, eps=eps)
+
+    assert isinstance(y, np.ndarray) and y.dtype == dtype and y.shape == shape
+    assert_close(y, ref.y, TOL[dtype], "output")
+    assert np.array_equal(x, x_before), "input was written"
+    assert running_mean is mean_object and running_var is var_object
+    assert running_mean.dtype == dtype
+    if training:
+        assert not np.array_equal(running_mean, old_mean), "running_mean not updated in place"
+        assert_close(running_mean, ref.running_mean, TOL[dtype], "running_mean")
+        assert_close(running_var, ref.running_var, TOL[dtype], "running_var")
+    else:
+        assert np.array_equal(running_mean, old_mean) and np.array_equal(running_var, old_var)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_training_without_running_stats(rng, shape, dtype):
+    x = make_input(rng, shape, dtype)
+    weight = rng.uniform(0.5, 2, shape[1]).astype(dtype)
+    ref = twin_batch_norm(x, None, None, weight, None, True, 0.1, 1e-5)
+    y = batch_norm(x, None, None, weight, training=True)
+    assert y.dtype == dtype
+    assert_close(y, ref.y, TOL[dtype], "output")
+
+
+def test_defaults_are_eval_with_momentum_and_eps_of_pytorch(rng):
+    x = make_input(rng, (4, 3, 5), np.float64)
+    running_mean, running_var = rng.uniform(-1, 1, 3), rng.uniform(0.5, 2, 3)
+    ref = twin_batch_norm(x, running_mean, running_var, None, None, False, 0.1, 1e-5)
+    y = batch_norm(x, running_mean.copy(), running_var.copy())
+    assert_close(y, ref.y, TOL[np.float64], "eval output")
+
+    ref = twin_batch_norm(x, running_mean, running_var, None, None, True, 0.1, 1e-5)
+    batch_norm(x, running_mean, running_var, training=True)
+    assert_close(running_mean, ref.running_mean, TOL[np.float64], "default momentum 0.1")
+    assert_close(running_var, ref.running_var, TOL[np.float64], "default momentum 0.1")
+
+
+def test_channels_last_input_gives_channels_last_output(rng):
+    x = make_input(rng, (2, 3, 4, 5), np.float32)
+    x_last = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    ref = twin_batch_norm(x, None, None, None, None, True, 0.1, 1e-5)
+    y = batch_norm(x_last, None, None, training=True)
+    assert np.moveaxis(y, 1, -1).flags.c_contiguous
+    assert_close(y, ref.y, TOL[np.float32], "output")
+
+
+def test_read_only_running_stats_in_eval(rng):
+    x = make_input(rng, (4, 3), np.float32)
+    running_mean = rng.uniform(-1, 1, 3).astype(np.float32)
+    running_var = rng.uniform(0.5, 2, 3).astype(np.float32)
+    ref = twin_batch_norm(x, running_mean, running_var, None, None, False, 0.1, 1e-5)
+    for a in (x, running_mean, running_var):
+        a.setflags(write=False)
+    assert_close(batch_norm(x, running_mean, running_var), ref.y, TOL[np.float32], "output")
+
+
+def test_one_value_per_channel_in_training_raises(rng):
+    running_mean, running_var = np.zeros(3, np.float32), np.ones(3, np.float32)
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+        batch_norm(np.ones((1, 3), np.float32), running_mean, running_var, training=True)
+    assert np.all(running_mean == 0) and np.all(running_var == 1)
+
+
+def test_integer_input_raises_type_error():
+    with pytest.raises(TypeError, match="int64"):
+        batch_norm(np.ones((4, 3), np.int64), None, None, training=True)
