@@ -32,11 +32,16 @@ build: $(STAMP)  ## compile the Cython kernels in place (after editing pyx/)
 test: build  ## set everything up and run the whole test suite
 	$(PY) -m pytest tests -q
 
-demo: build  ## set everything up and run the example
+# The main job: data-parallel training on $(RANKS) local ranks (one OpenMP thread each:
+# ranks may outnumber cores).  scikit-learn brings the dataset, matplotlib the plot.
+demo: build  ## set everything up and train the MPI example on 4 ranks
+	@$(PIP) install -q scikit-learn matplotlib || echo "(examples extras not installed: synthetic data, no plot)"
 	$(PY) -m cbn
-	$(PY) mpi_examples/demo_single.py
+	OMP_NUM_THREADS=1 $(VENV)/bin/mpiexec -n $(RANKS) $(PY) -m mpi4py mpi_examples/train.py
 
-bench: build  ## benchmarks against PyTorch and NumPy
+# matplotlib only draws the chart: without it (e.g. offline) the benchmark still runs.
+bench: build  ## benchmarks against PyTorch and NumPy (results in benchmarks/results/)
+	@$(PIP) install -q matplotlib || echo "matplotlib not installed: the chart will be skipped"
 	$(PY) benchmarks/run.py
 
 clean:  ## remove build products (keeps .venv)

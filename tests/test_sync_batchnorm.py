@@ -33,17 +33,22 @@ def mpiexec():
     return path
 
 
-def run_ranks(n, *checks):
+def run_ranks_script(n, script, *args):
+    """stdout of ``mpiexec -n N python -m mpi4py SCRIPT ARGS`` (fails on error or hang)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
-    command = [mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", str(CHECKS), *checks]
+    command = [mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", str(script), *args]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=MPI_TIMEOUT,
                               env=env, cwd=HERE.parent)
     except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"mpiexec -n {n} {' '.join(checks)} hung for {MPI_TIMEOUT} s:\n"
+        pytest.fail(f"mpiexec -n {n} {script} {' '.join(args)} hung for {MPI_TIMEOUT} s:\n"
                     f"{exc.stdout}\n{exc.stderr}")
     assert done.returncode == 0, f"mpiexec -n {n} failed:\n{done.stdout}\n{done.stderr}"
     return done.stdout
+
+
+def run_ranks(n, *checks):
+    return run_ranks_script(n, CHECKS, *checks)
 
 
 ALL = ["equality", "local_batchnorm_differs", "bad_input_on_one_rank",
