@@ -21,6 +21,8 @@ other key, and its value, passes through unchanged.
 Whole layers convert with ``cbn.mindspore.BatchNorm2d.from_torch(layer)`` and
 ``layer.to_torch()`` (see ``cbn.mindspore``).
 """
+import numbers
+
 import numpy as np
 
 __all__ = ["torch_to_mindspore", "mindspore_to_torch",
@@ -108,7 +110,7 @@ def _check_momentum(momentum):
     if momentum is None:
         raise ValueError("momentum=None (PyTorch's cumulative moving average) has no "
                          "MindSpore equivalent: MindSpore's momentum is a fixed number")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float, np.integer, np.floating)) \
+    if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) \
             or not 0.0 <= momentum <= 1.0:
         raise ValueError(f"momentum must be a number in [0, 1], got {momentum!r}")
     return float(momentum)

@@ -1,8 +1,9 @@
-"""MindSpore-flavoured batch-norm layers: ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d``.
+"""MindSpore-flavoured batch-norm layers: ``BatchNorm1d/2d/3d`` and ``SyncBatchNorm``.
 
-A thin facade over the PyTorch-flavoured layers of ``cbn.batchnorm``: each
-layer wraps one of them and converts MindSpore's conventions at the boundary,
-so the statistics, the normalisation and the gradients are the same code.
+A thin facade over the PyTorch-flavoured layers (``cbn.batchnorm``, and
+``cbn.sync_batchnorm`` for ``SyncBatchNorm``): each layer wraps one of them
+and converts MindSpore's conventions at the boundary, so the statistics, the
+normalisation, the gradients and the MPI communication are the same code.
 
 =========================  =======================================================
 MindSpore                  PyTorch-flavoured layer inside
@@ -28,10 +29,11 @@ import numbers
 
 import numpy as np
 
-from cbn import batchnorm as _torch_layers
+from cbn import batchnorm as _torch_layers, comm as _comm
 from cbn.convert import momentum_mindspore_to_torch, momentum_torch_to_mindspore
+from cbn.sync_batchnorm import SyncBatchNorm as _TorchSyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm"]
 
 # MindSpore's named initialisers, for a vector of C values.  'normal' and
 # 'uniform' are MindSpore's Normal(sigma=0.01) and Uniform(scale=0.07), drawn
@@ -140,8 +142,7 @@ class _BatchNorm:
         use_batch_statistics = _check_use_batch_statistics(use_batch_statistics)
         if data_format not in _FORMATS:
             raise ValueError(f"data_format must be 'NCHW' or 'NHWC', got {data_format!r}")
-        self._bn = self._torch_class(num_features, eps, torch_momentum, affine=True,
-                                     track_running_stats=True, dtype=dtype)
+        self._bn = self._make_core(num_features, eps, torch_momentum, dtype)
         inits = (("moving_mean", "moving_mean_init", moving_mean_init),
                  ("moving_variance", "moving_var_init", moving_var_init),
                  ("gamma", "gamma_init", gamma_init), ("beta", "beta_init", beta_init))
@@ -155,6 +156,11 @@ class _BatchNorm:
         self.grad_gamma = None
         self.grad_beta = None
         self._input_shape = None  # shape of the last forward's input, for backward
+
+    def _make_core(self, num_features, eps, momentum, dtype):
+        """The wrapped layer: gamma and beta always applied, statistics always tracked."""
+        return self._torch_class(num_features, eps, momentum, affine=True,
+                                 track_running_stats=True, dtype=dtype)
 
     # --- hyper-parameters, converted at the boundary -----------------------
 
@@ -276,17 +282,32 @@ class _BatchNorm:
         return self._channels_as_given(y)
 
     def backward(self, dy):
-        """dL/dx for the last forward; sets ``grad_gamma`` and ``grad_beta`` (None without affine)."""
-        if self._input_shape is None:
-            raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
-        dy = np.asarray(dy)
-        if dy.shape != self._input_shape:
-            raise ValueError(f"dy must have the shape of the last input {self._input_shape}, "
-                             f"got {dy.shape}")
+        """dL/dx for the last forward; sets ``grad_gamma``, ``grad_beta`` (None without affine)."""
+        if self._data_format == "NHWC":
+            # Checked here, in the caller's shapes; NCHW errors come from the wrapped
+            # layer, which SyncBatchNorm needs to raise them on every rank.
+            if self._input_shape is None:
+                raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
+            dy = np.asarray(dy)
+            if dy.shape != self._input_shape:
+                raise ValueError(f"dy must have the shape of the last input {self._input_shape},"
+                                 f" got {dy.shape}")
         dx = self._bn.backward(self._channels_first(dy))
         if self.affine:
             self.grad_gamma, self.grad_beta = self._bn.grad_weight, self._bn.grad_bias
         return self._channels_as_given(dx)
+
+    def __repr__(self):
+        return (f"{type(self).__name__}<num_features={self.num_features}, eps={self.eps}, "
+                f"momentum={self.momentum}, affine={self.affine}, "
+                f"use_batch_statistics={self.use_batch_statistics}, {self._repr_extra()}>")
+
+    def _repr_extra(self):
+        return f"data_format={self.data_format}"
+
+
+class _LocalBatchNorm(_BatchNorm):
+    """A MindSpore-flavoured layer of one process, convertible to and from a ``cbn.BatchNorm*``."""
 
     # --- the PyTorch-flavoured layer with the same behaviour ------------------
 
@@ -334,20 +355,14 @@ class _BatchNorm:
         layer.load_state_dict(state)
         return layer.train(self._uses_batch_statistics())
 
-    def __repr__(self):
-        return (f"{type(self).__name__}<num_features={self.num_features}, eps={self.eps}, "
-                f"momentum={self.momentum}, affine={self.affine}, "
-                f"use_batch_statistics={self.use_batch_statistics}, "
-                f"data_format={self.data_format}>")
-
 
 def _parameters_of(layer):
-    """A ``cbn.BatchNorm*``'s parameters and statistics under MindSpore's names (absent ones left out)."""
+    """A ``cbn.BatchNorm*``'s parameters and statistics under MindSpore's names, if present."""
     return {name: getattr(layer, torch_name).copy() for name, torch_name in _NAMES.items()
             if getattr(layer, torch_name) is not None}
 
 
-class BatchNorm1d(_BatchNorm):
+class BatchNorm1d(_LocalBatchNorm):
     """Batch norm over (N, C) or (N, C, L) input, as ``mindspore.nn.BatchNorm1d``.
 
     With ``data_format='NHWC'`` the input is (N, C) or (N, L, C).  See
@@ -358,7 +373,7 @@ class BatchNorm1d(_BatchNorm):
     _nhwc_shapes = "2D (N, C) or 3D (N, L, C)"
 
 
-class BatchNorm2d(_BatchNorm):
+class BatchNorm2d(_LocalBatchNorm):
     """Batch norm over (N, C, H, W) input, as ``mindspore.nn.BatchNorm2d``.
 
     With ``data_format='NHWC'`` the input is (N, H, W, C).  See
@@ -369,7 +384,7 @@ class BatchNorm2d(_BatchNorm):
     _nhwc_shapes = "4D (N, H, W, C)"
 
 
-class BatchNorm3d(_BatchNorm):
+class BatchNorm3d(_LocalBatchNorm):
     """Batch norm over (N, C, D, H, W) input, as ``mindspore.nn.BatchNorm3d`` (no ``data_format``).
 
     See ``cbn.mindspore._BatchNorm`` for the parameters; in a training step
@@ -383,3 +398,56 @@ class BatchNorm3d(_BatchNorm):
         super().__init__(num_features, eps, momentum, affine, gamma_init, beta_init,
                          moving_mean_init, moving_var_init, use_batch_statistics,
                          "NCHW", dtype)
+
+
+class _SyncCore(_TorchSyncBatchNorm):
+    """``cbn.SyncBatchNorm`` taking the inputs of MindSpore's SyncBatchNorm only."""
+    _ndims = (2, 4)
+    _shapes = "2D (N, C) or 4D (N, C, H, W)"
+
+
+class SyncBatchNorm(_BatchNorm):
+    """Batch norm over (N, C) or (N, C, H, W) input whose statistics span a process group.
+
+    As ``mindspore.nn.SyncBatchNorm``, on ``cbn.SyncBatchNorm`` (MPI) instead of
+    Ascend: in a step that uses batch statistics, mean and variance are those of
+    the union of the group's shards, and on every rank
+    ``moving = momentum * moving + (1 - momentum) * batch``.
+
+    Parameters are those of ``BatchNorm2d`` (see ``cbn.mindspore._BatchNorm``)
+    without ``data_format``, plus:
+
+    process_groups : list of lists of int, optional
+        World ranks that partition ``MPI.COMM_WORLD``; each group synchronises
+        on its own.  None: the whole world (a single process without mpi4py).
+        With groups, construction is collective over the world: every rank
+        builds the layer, with the same groups.
+    timeout : float, optional
+        Seconds a collective waits for the slowest rank (see ``cbn.SyncBatchNorm``).
+
+    Every rank of a group must call the layer the same number of times while
+    it uses batch statistics (forward, and backward if any rank calls it).
+    ``backward`` returns the local shard of the input gradient; ``grad_gamma``
+    and ``grad_beta`` are the local contributions, whose sum over the group is
+    the gradient of the group's batch.  There is no ``from_torch``/``to_torch``:
+    move parameters with ``parameters_dict`` and ``cbn.convert``.
+    """
+    _torch_class = _SyncCore
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True,
+                 gamma_init="ones", beta_init="zeros", moving_mean_init="zeros",
+                 moving_var_init="ones", use_batch_statistics=None, process_groups=None,
+                 dtype=np.float32, timeout=None):
+        self.process_groups = process_groups
+        self._timeout = timeout
+        super().__init__(num_features, eps, momentum, affine, gamma_init, beta_init,
+                         moving_mean_init, moving_var_init, use_batch_statistics,
+                         "NCHW", dtype)
+
+    def _make_core(self, num_features, eps, momentum, dtype):
+        group = None if self.process_groups is None else _comm.split_world(self.process_groups)
+        return _SyncCore(num_features, eps, momentum, affine=True, track_running_stats=True,
+                         process_group=group, dtype=dtype, timeout=self._timeout)
+
+    def _repr_extra(self):
+        return f"process_groups={self.process_groups}"

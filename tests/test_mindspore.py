@@ -854,3 +854,71 @@ def test_import_cbn_exposes_mindspore_and_convert_without_torch_or_mpi():
     code = ("import sys, cbn; cbn.mindspore.BatchNorm2d; cbn.convert.torch_to_mindspore; "
             "assert 'torch' not in sys.modules and 'mpi4py' not in sys.modules")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- SyncBatchNorm ----------------------------------------------------------------------
+
+def test_sync_batchnorm_defaults_follow_mindspore():
+    layer = ms.SyncBatchNorm(4)
+    assert layer.momentum == 0.9 and layer.eps == 1e-5 and layer.training is False
+    assert layer.use_batch_statistics is None and layer.process_groups is None
+    assert "process_groups=None" in repr(layer) and "data_format" not in repr(layer)
+    with pytest.raises(TypeError):
+        ms.SyncBatchNorm(4, data_format="NHWC")
+
+
+@pytest.mark.parametrize("process_groups", [None, [[0]]])
+@pytest.mark.parametrize("shape", [(6, 3), (4, 3, 5, 6)])
+@pytest.mark.parametrize("use_batch_statistics, training", [(None, True), (True, False),
+                                                            (None, False)])
+def test_sync_batchnorm_on_one_process_is_the_plain_layer_bit_for_bit(
+        rng, shape, process_groups, use_batch_statistics, training):
+    sync = ms.SyncBatchNorm(3, momentum=0.75, process_groups=process_groups,
+                            use_batch_statistics=use_batch_statistics).set_train(training)
+    plain = CLASSES[len(shape) // 2](3, momentum=0.75, use_batch_statistics=use_batch_statistics)
+    plain.set_train(training)
+    plain.load_parameters(randomise(sync, rng).parameters_dict())
+    for _ in range(3):
+        x = make_input(rng, shape)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        np.testing.assert_array_equal(sync(x), plain(x))
+        np.testing.assert_array_equal(sync.backward(dy), plain.backward(dy))
+        np.testing.assert_array_equal(sync.grad_gamma, plain.grad_gamma)
+        for name in MS_NAMES:
+            np.testing.assert_array_equal(getattr(sync, name), getattr(plain, name), err_msg=name)
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 4), (2, 3, 4, 5, 6), (3,)])
+def test_sync_batchnorm_takes_2d_and_4d_input_as_mindspore(rng, shape):
+    layer = ms.SyncBatchNorm(3).set_train()
+    with pytest.raises(ValueError, match="2D \\(N, C\\) or 4D \\(N, C, H, W\\)"):
+        layer(np.ones(shape, np.float32))
+
+
+@pytest.mark.parametrize("process_groups", [[[1]], [[0], [0]], "nonsense", [[]]])
+def test_sync_batchnorm_rejects_groups_that_do_not_partition_the_world(process_groups):
+    pytest.importorskip("mpi4py")
+    with pytest.raises(ValueError, match="process_groups"):
+        ms.SyncBatchNorm(3, process_groups=process_groups)
+
+
+@pytest.mark.parametrize("ranks", [2, 3, 4])
+def test_sync_batchnorm_over_ranks_equals_the_plain_layer_on_each_groups_batch(ranks):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_sync_batchnorm import MPI_TIMEOUT, mpiexec
+
+    here = Path(__file__).parent
+    checks = ["world", "process_groups", "inference_does_not_communicate",
+              "bad_input_on_one_rank"]
+    command = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py",
+               str(here / "mpi_mindspore_checks.py"), *checks]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(here.parent))
+    done = subprocess.run(command, capture_output=True, text=True, timeout=MPI_TIMEOUT,
+                          env=env, cwd=here)
+    assert done.returncode == 0, f"mpiexec -n {ranks} failed:\n{done.stdout}\n{done.stderr}"
+    for check in checks:
+        assert f"OK {check} on {ranks} ranks" in done.stdout, done.stdout
