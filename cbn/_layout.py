@@ -119,25 +119,47 @@ def as_batch(x, num_features, valid_ndims, what):
     ``valid_ndims`` is a tuple of accepted ranks (None: any rank >= 2) and
     ``what`` names the expected shapes in the error message.
     """
-    a = np.asarray(x)
+    a = x if type(x) is np.ndarray else np.asarray(x)
+    shape = a.shape
+    ndim = len(shape)
     if valid_ndims is None:
-        if a.ndim < 2:
-            raise ValueError(f"expected an input of rank >= 2 {what}, got shape {a.shape}")
-    elif a.ndim not in valid_ndims:
-        raise ValueError(f"expected {what} input, got a {a.ndim}D input of shape {a.shape}")
-    if a.shape[1] != num_features:
+        if ndim < 2:
+            raise ValueError(f"expected an input of rank >= 2 {what}, got shape {shape}")
+    elif ndim not in valid_ndims:
+        raise ValueError(f"expected {what} input, got a {ndim}D input of shape {shape}")
+    if shape[1] != num_features:
         raise ValueError(
-            f"expected {num_features} channels (input.shape[1]), got {a.shape[1]} "
-            f"in an input of shape {a.shape}")
-    result_dtype = a.dtype
-    dtype = compute_dtype(result_dtype)
-    if a.dtype != dtype or not a.dtype.isnative:
-        a = a.astype(dtype)
+            f"expected {num_features} channels (input.shape[1]), got {shape[1]} "
+            f"in an input of shape {shape}")
+    dtype = a.dtype
+    if dtype in _NATIVE and a.flags.c_contiguous and a.size:
+        # The common case, without the general layout search.
+        if ndim == 2 or a.size == shape[0] * shape[1]:
+            return Batch(a, a.reshape(shape[0], shape[1]), True, dtype)
+        return Batch(a, a.reshape(shape[0], shape[1], -1), False, dtype)
+    compute = compute_dtype(dtype)
+    if dtype != compute or not dtype.isnative:
+        a = a.astype(compute)
     view, channels_last = layout_views(a)
     if view is None:
         a = np.ascontiguousarray(a)
         view, channels_last = layout_views(a)
-    return Batch(a, view, channels_last, result_dtype)
+    return Batch(a, view, channels_last, dtype)
+
+
+def check_out(batch, out):
+    """``out`` as an output Batch for ``batch``, or None when it needs a staging buffer."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out must be a NumPy array, got {type(out).__name__}")
+    if out.shape != batch.shape or out.dtype != batch.result_dtype:
+        raise ValueError(f"out must have shape {batch.shape} and dtype {batch.result_dtype}, "
+                         f"got shape {out.shape} and dtype {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError("out is read-only")
+    if out.dtype != batch.dtype or not out.size:
+        return None
+    view, _ = layout_views(out, batch.channels_last)
+    return None if view is None else Batch(out, view, batch.channels_last, out.dtype)
 
 
 def like(batch, y, name="grad_output"):
@@ -213,9 +235,9 @@ def scale_shift(x, scale, shift, n_threads, out=None):
     return out
 
 
-def grad_input(dy, x, a, b, m, c, n_threads):
-    """a[c] * dy + b[c] * (x - m[c]) + c[c] into a new Batch."""
-    out = empty_like(x)
+def grad_input(dy, x, a, b, m, c, n_threads, out=None):
+    """a[c] * dy + b[c] * (x - m[c]) + c[c] into a new (or the given) Batch."""
+    out = empty_like(x) if out is None else out
     kernel = _backward.grad_input_mc if x.channels_last else _backward.grad_input_ncs
     kernel(dy.view, x.view, a, b, m, c, out.view, n_threads)
     return out

@@ -9,14 +9,37 @@ the subclasses differ only in the input ranks they accept.  Semantics are
     running_var  = (1 - f) * running_var  + f * var_unbiased(x)
     y = (x - mean(x)) / sqrt(var_biased(x) + eps) * weight + bias
 """
+import threading
+
 import numpy as np
 
 from cbn import _layout
 from cbn import functional as F
+from cbn._config import kernel_threads
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d"]
 
 _STATE_KEYS = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+
+
+_OVERWRITTEN = object()  # marks a forward whose input was overwritten by its output
+
+
+class _EvalCoefficients:
+    """Eval-mode constants of a layer: y = x * scale + shift; mean and invstd for backward."""
+
+    __slots__ = ("key", "mean", "invstd", "scale", "shift")
+
+    def __init__(self, key, running_mean, running_var, weight, bias, eps, dtype):
+        self.key = key
+        self.mean = running_mean.astype(np.float64)
+        self.invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
+        scale = self.invstd if weight is None else weight * self.invstd
+        shift = -self.mean * scale
+        if bias is not None:
+            shift += bias
+        self.scale = scale.astype(dtype)
+        self.shift = shift.astype(dtype)
 
 
 class _BatchNorm:
@@ -54,7 +77,9 @@ class _BatchNorm:
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.grad_weight = None
         self.grad_bias = None
-        self._saved = None
+        self._saved = None          # what the last forward keeps for backward
+        self._eval_cache = None     # eval-mode coefficients, see _eval_coefficients
+        self._lock = threading.Lock()  # guards running-statistics updates across threads
 
     # --- modes and state -------------------------------------------------
 
@@ -137,47 +162,103 @@ class _BatchNorm:
         """None, or a function turning local gradient sums into global ones."""
         return None
 
-    def __call__(self, x):
-        return self.forward(x)
+    def __call__(self, x, out=None):
+        return self.forward(x, out)
 
-    def forward(self, x):
-        return self._forward(self._batch(x))
+    def forward(self, x, out=None):
+        """Normalise ``x`` (N, C, ...); ``out``: an array to write the result into."""
+        return self._forward(self._batch(x), out)
 
-    def _forward(self, batch):
+    def _forward(self, batch, out=None):
+        target = None if out is None else _layout.check_out(batch, out)
         use_batch_stats = self.training or not self.track_running_stats
-        update = self.training and self.track_running_stats
         if use_batch_stats:
+            update = self.training and self.track_running_stats
             count, s, q, shift = self._batch_moments(batch)
             if count == 0:
                 # Nothing to normalise with: torch still counts the batch.
                 if update:
-                    self.num_batches_tracked += 1
+                    with self._lock:
+                        self.num_batches_tracked += 1
                 zeros = np.zeros(self.num_features)
-                self._saved = F.Saved(batch, zeros, zeros, self.weight, False, 0)
-                return _layout.finish(_layout.empty_like(batch))
+                self._save(batch, out, zeros, zeros, False, 0)
+                return self._deliver(_layout.empty_like(batch), out)
             mean, var = F.mean_var(count, s, q, shift)
+            if update:
+                with self._lock:
+                    self.num_batches_tracked += 1
+                    F.update_running(self.running_mean, self.running_var, mean, var, count,
+                                     self._factor())
+            y, invstd = F.normalize(batch, mean, var, self.weight, self.bias, self.eps, target)
         else:
-            count = batch.count
-            mean = self.running_mean.astype(np.float64)
-            var = self.running_var.astype(np.float64)
-        if update:
-            self.num_batches_tracked += 1
-            F.update_running(self.running_mean, self.running_var, mean, var, count,
-                             self._factor())
-        y, invstd = F.normalize(batch, mean, var, self.weight, self.bias, self.eps)
-        self._saved = F.Saved(batch, mean, invstd, self.weight, use_batch_stats, count)
-        return _layout.finish(y)
+            cached = self._eval_coefficients(batch.dtype)
+            y = _layout.scale_shift(batch, cached.scale, cached.shift, kernel_threads(), target)
+            mean, invstd, count = cached.mean, cached.invstd, batch.count
+        self._save(batch, out, mean, invstd, use_batch_stats, count)
+        return self._deliver(y, out)
 
-    def backward(self, grad_output):
-        """dL/dx for the last forward; sets ``grad_weight`` and ``grad_bias``."""
-        if self._saved is None:
+    def _eval_coefficients(self, dtype):
+        """Per-channel (mean, invstd, scale, shift) from the running statistics, cached.
+
+        The cache key holds the bytes of every array it depends on, so any
+        change (assignment, an in-place write, load_state_dict, a training
+        step) is seen at the next call: a stale cache is never used.
+        """
+        weight, bias = self.weight, self.bias
+        key = (self.eps, dtype, self.running_mean.tobytes(), self.running_var.tobytes(),
+               None if weight is None else weight.tobytes(),
+               None if bias is None else bias.tobytes())
+        cached = self._eval_cache
+        if cached is None or cached.key != key:
+            cached = _EvalCoefficients(key, self.running_mean, self.running_var, weight,
+                                       bias, self.eps, dtype)
+            self._eval_cache = cached
+        return cached
+
+    def _save(self, batch, out, mean, invstd, batch_stats, count):
+        if out is not None and np.may_share_memory(out, batch.data):
+            self._saved = _OVERWRITTEN  # forward(x, out=x): the input backward needs is gone
+        else:
+            self._saved = F.Saved(batch, mean, invstd, self.weight, batch_stats, count)
+
+    @staticmethod
+    def _deliver(y, out):
+        """The caller's result: ``out`` itself when given (filled from a staging buffer if needed)."""
+        if out is None:
+            return _layout.finish(y)
+        if y.data is not out:
+            np.copyto(out, _layout.finish(y))
+        return out
+
+    def backward(self, grad_output, out=None):
+        """dL/dx for the last forward; sets ``grad_weight`` and ``grad_bias``.
+
+        ``out``: an array of the input's shape and dtype to write dL/dx into.
+        """
+        saved = self._saved
+        if saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
-        dx, grad_weight, grad_bias = F.backward(self._saved, grad_output,
-                                                self._reduce_grad_sums())
+        if saved is _OVERWRITTEN:
+            raise RuntimeError(f"{type(self).__name__}.backward: the last forward wrote its "
+                               f"output over its input (out=x), which backward needs")
+        dx, grad_weight, grad_bias = F.backward(saved, grad_output, self._reduce_grad_sums(),
+                                                out)
         if self.affine:
             self.grad_weight = grad_weight.astype(self.dtype)
             self.grad_bias = grad_bias.astype(self.dtype)
         return dx
+
+    # Locks and caches do not travel with copies or pickles.
+    _TRANSIENT = ("_lock", "_eval_cache", "_saved")
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+        self._eval_cache = None
+        self._saved = None
 
     def __repr__(self):
         return (f"{type(self).__name__}({self.num_features}, eps={self.eps}, "

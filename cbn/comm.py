@@ -47,6 +47,14 @@ def world():
     return None if MPI is None else MPI.COMM_WORLD
 
 
+def collective(process_group=None, timeout=None):
+    """The Collective of ``process_group`` (None: the world), or None for a single process."""
+    comm = process_group if process_group is not None else world()
+    if comm is None or comm.Get_size() == 1:
+        return None
+    return Collective(comm, timeout)
+
+
 def split_world(process_groups):
     """The sub-communicator of this rank for ``process_groups``, a partition of the world.
 

@@ -12,7 +12,7 @@ semantics).  The other functions are the steps the layers compose:
 import numpy as np
 
 from cbn import _layout
-from cbn._config import get_num_threads
+from cbn._config import kernel_threads
 
 __all__ = ["batch_norm"]
 
@@ -42,7 +42,7 @@ def moments(batch, shift=None):
     """(count, sum(x - shift), sum((x - shift)**2), shift) of a non-empty batch."""
     if shift is None:
         shift = first_values(batch)
-    s, q = _layout.moments(batch, shift, get_num_threads())
+    s, q = _layout.moments(batch, shift, kernel_threads())
     return batch.count, s, q, shift
 
 
@@ -85,19 +85,21 @@ def normalize(batch, mean, var, weight, bias, eps, out=None):
         shift += bias
     dtype = batch.dtype
     y = _layout.scale_shift(batch, scale.astype(dtype), shift.astype(dtype),
-                            get_num_threads(), out)
+                            kernel_threads(), out)
     return y, invstd
 
 
-def backward(saved, dy, reduce=None):
+def backward(saved, dy, reduce=None, out=None):
     """Gradients of the forward pass recorded in ``saved``.
 
     Returns ``(dx, grad_weight, grad_bias)``, the parameter gradients in
     float64.  ``reduce`` (SyncBatchNorm) turns the local (sum_dy, sum_dy_xc)
     into the global ones; the parameter gradients stay local contributions.
+    ``out``: an array of the input's shape and dtype to write dx into.
     """
     dy = _layout.like(saved.x, dy)
-    sum_dy, sum_dy_xc = _layout.grad_sums(dy, saved.x, saved.mean, get_num_threads())
+    target = None if out is None else _layout.check_out(saved.x, out)
+    sum_dy, sum_dy_xc = _layout.grad_sums(dy, saved.x, saved.mean, kernel_threads())
     invstd = saved.invstd
     grad_weight = sum_dy_xc * invstd
     grad_bias = sum_dy
@@ -111,11 +113,15 @@ def backward(saved, dy, reduce=None):
         k = sum_dy_xc * invstd * invstd / n
         dx = _layout.grad_input(dy, saved.x, a.astype(dtype), (-a * k).astype(dtype),
                                 saved.mean.astype(dtype), (-a * sum_dy / n).astype(dtype),
-                                get_num_threads())
+                                kernel_threads(), target)
     else:
         dx = _layout.scale_shift(dy, a.astype(dtype), np.zeros(len(a), dtype),
-                                 get_num_threads())
-    return _layout.finish(dx), grad_weight, grad_bias
+                                 kernel_threads(), target)
+    if out is None:
+        return _layout.finish(dx), grad_weight, grad_bias
+    if dx.data is not out:
+        np.copyto(out, _layout.finish(dx))
+    return out, grad_weight, grad_bias
 
 
 def batch_norm(input, running_mean, running_var, weight=None, bias=None,

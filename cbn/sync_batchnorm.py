@@ -14,10 +14,72 @@ import numpy as np
 
 from cbn import _layout, comm as _comm
 from cbn import functional as F
-from cbn._config import get_num_threads
+from cbn._config import kernel_threads
 from cbn.batchnorm import _BatchNorm
 
-__all__ = ["SyncBatchNorm"]
+__all__ = ["SyncBatchNorm", "GlobalStats"]
+
+
+class GlobalStats:
+    """The collectives of one synchronised layer: statistics forward, gradient sums backward.
+
+    Shared by ``cbn.SyncBatchNorm`` and ``cbn.torch.SyncBatchNorm``.  Each is
+    one ``Allreduce`` of a float64 buffer that starts with the error slots of
+    ``comm.Collective``: forward ``[count | sum(x - shift) | sum((x - shift)**2)]``,
+    backward ``[sum(dy) | sum(dy * (x - mean))]``.  A rank whose input is bad
+    joins the same collective with its error flagged (``fail_forward``,
+    ``fail_backward``), so every rank raises and none waits.
+    """
+
+    def __init__(self, group, num_features):
+        self.group = group                         # a comm.Collective
+        self.num_features = num_features
+        self.last_mean = np.zeros(num_features)    # the shift without running statistics
+
+    def moments(self, batch, running_mean=None):
+        """(count, s, q, shift) of the global batch, or (0, None, None, None) if it is empty.
+
+        ``s`` and ``q`` are sums of ``x - shift`` and its square; the shift is
+        ``running_mean`` (the same on every rank) or, without it, the mean of
+        the last global batch.  Raises PyTorch's error on every rank when the
+        global batch has one value per channel.
+        """
+        group, c = self.group, self.num_features
+        shift = running_mean.astype(np.float64) if running_mean is not None else self.last_mean
+        buf = group.buffer(1 + 2 * c)
+        values = buf[group.size:]
+        if batch.count:
+            values[0] = batch.count
+            values[1:1 + c], values[1 + c:] = _layout.moments(batch, shift, kernel_threads())
+        values = group.sum(buf)
+        count = int(round(values[0]))
+        if count == 0:
+            return 0, None, None, None
+        F.check_count(count, batch.shape,
+                      f" on this rank and {count} value(s) per channel over the process group")
+        s, q = values[1:1 + c].copy(), values[1 + c:].copy()
+        if running_mean is None:
+            self.last_mean = shift + s / count
+        return count, s, q, shift
+
+    def reduce_grad_sums(self, sum_dy, sum_dy_xc):
+        """The global (sum(dy), sum(dy * (x - mean))) from the local ones: one Allreduce."""
+        group, c = self.group, self.num_features
+        buf = group.buffer(2 * c)
+        buf[group.size:group.size + c] = sum_dy
+        buf[group.size + c:] = sum_dy_xc
+        values = group.sum(buf)
+        return values[:c].copy(), values[c:].copy()
+
+    def fail_forward(self, error):
+        """Join the forward collective with ``error`` flagged: raises it on every rank."""
+        self.group.sum(self.group.buffer(1 + 2 * self.num_features), error=error)
+        raise AssertionError("unreachable: the collective raises")  # pragma: no cover
+
+    def fail_backward(self, error):
+        """Join the backward collective with ``error`` flagged: raises it on every rank."""
+        self.group.sum(self.group.buffer(2 * self.num_features), error=error)
+        raise AssertionError("unreachable: the collective raises")  # pragma: no cover
 
 
 class SyncBatchNorm(_BatchNorm):
@@ -46,85 +108,56 @@ class SyncBatchNorm(_BatchNorm):
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         self.process_group = process_group
         self.timeout = timeout
-        self._collective = None
-        self._synced = False                     # did the last forward synchronise?
-        self._last_mean = np.zeros(num_features)  # shared shift without running stats
+        self._global = None       # GlobalStats, or False for a single process
+        self._synced = False      # did the last forward synchronise?
 
     # --- the process group -----------------------------------------------
 
-    def _group(self):
-        """The Collective of this layer's process group, or None for a single process."""
-        if self._collective is None:
-            comm = self.process_group if self.process_group is not None else _comm.world()
-            if comm is None or comm.Get_size() == 1:
-                return None
-            self._collective = _comm.Collective(comm, self.timeout)
-        return self._collective
+    def _global_stats(self):
+        """The GlobalStats of this layer's process group, or None for a single process."""
+        if self._global is None:
+            group = _comm.collective(self.process_group, self.timeout)
+            self._global = False if group is None else GlobalStats(group, self.num_features)
+        return self._global or None
 
     def _syncs(self):
-        return self.training and self._group() is not None
+        return self.training and self._global_stats() is not None
 
     # --- forward ---------------------------------------------------------
 
-    def forward(self, x):
+    def forward(self, x, out=None):
         if not self._syncs():
             self._synced = False
-            return super().forward(x)
+            return super().forward(x, out)
         try:
             batch = self._batch(x)
         except (TypeError, ValueError) as exc:
-            self._group().sum(self._group().buffer(1 + 2 * self.num_features), error=exc)
-            raise AssertionError("unreachable: the collective raises")  # pragma: no cover
+            self._global_stats().fail_forward(exc)
         self._synced = True
-        return self._forward(batch)
+        return self._forward(batch, out)
 
     def _batch_moments(self, batch):
         if not self._synced:
             return super()._batch_moments(batch)
-        group, c = self._group(), self.num_features
-        shift = (self.running_mean.astype(np.float64) if self.track_running_stats
-                 else self._last_mean)
-        buf = group.buffer(1 + 2 * c)
-        values = buf[group.size:]
-        if batch.count:
-            values[0] = batch.count
-            values[1:1 + c], values[1 + c:] = _layout.moments(batch, shift, get_num_threads())
-        values = group.sum(buf)
-        count = int(round(values[0]))
-        if count == 0:
-            return 0, None, None, None
-        F.check_count(count, batch.shape,
-                      f" on this rank and {count} value(s) per channel over the process group")
-        s, q = values[1:1 + c].copy(), values[1 + c:].copy()
-        if not self.track_running_stats:
-            self._last_mean = shift + s / count
-        return count, s, q, shift
+        return self._global_stats().moments(
+            batch, self.running_mean if self.track_running_stats else None)
 
     # --- backward --------------------------------------------------------
 
-    def backward(self, grad_output):
-        if not (self._synced and self._saved is not None and self._saved.batch_stats):
-            return super().backward(grad_output)
-        group = self._group()
+    def backward(self, grad_output, out=None):
+        saved = self._saved
+        if not (self._synced and isinstance(saved, F.Saved) and saved.batch_stats):
+            return super().backward(grad_output, out)
         try:
-            dy = _layout.like(self._saved.x, grad_output)
+            dy = _layout.like(saved.x, grad_output)
+            if out is not None:
+                _layout.check_out(saved.x, out)
         except (TypeError, ValueError) as exc:
-            group.sum(group.buffer(2 * self.num_features), error=exc)
-            raise AssertionError("unreachable: the collective raises")  # pragma: no cover
-        return super().backward(dy)
+            self._global_stats().fail_backward(exc)
+        return super().backward(dy, out)
 
     def _reduce_grad_sums(self):
-        if not self._synced:
-            return None
-        group, c = self._group(), self.num_features
-
-        def reduce(sum_dy, sum_dy_xc):
-            buf = group.buffer(2 * c)
-            buf[group.size:group.size + c] = sum_dy
-            buf[group.size + c:] = sum_dy_xc
-            values = group.sum(buf)
-            return values[:c].copy(), values[c:].copy()
-        return reduce
+        return self._global_stats().reduce_grad_sums if self._synced else None
 
     # --- conversion ------------------------------------------------------
 
