@@ -8,11 +8,11 @@ normalises with the statistics of the global batch across MPI processes.
 from cbn import convert, functional, mindspore
 from cbn._config import get_num_threads, set_num_threads, threads
 from cbn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
-
+from cbn.checkpoint import load, save
 from cbn.sync_batchnorm import SyncBatchNorm
 
 __version__ = "0.1.0"
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert", "functional",
            "mindspore", "get_num_threads", "set_num_threads", "threads", "__version__"]
-
+__all__ += ["save", "load"]
