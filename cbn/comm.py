@@ -18,6 +18,10 @@ import numpy as np
 #: Seconds a collective may wait for the slowest rank (env CBN_SYNC_TIMEOUT).
 DEFAULT_TIMEOUT = float(os.environ.get("CBN_SYNC_TIMEOUT", "300"))
 
+#: Seconds a collective polls with ``sched_yield`` before it polls with sleeps.
+_BUSY_WAIT = 2e-3
+_yield = getattr(os, "sched_yield", lambda: time.sleep(0))
+
 # Error codes carried in the buffer: which exception every rank raises.
 OK, VALUE_ERROR, TYPE_ERROR, RUNTIME_ERROR = 0.0, 1.0, 2.0, 3.0
 _CODES = {ValueError: VALUE_ERROR, TypeError: TYPE_ERROR}
@@ -125,14 +129,20 @@ class Collective:
         request = self.comm.Iallreduce(MPI.IN_PLACE, [buf, MPI.DOUBLE], op=MPI.SUM)
         if request.Test():
             return
-        deadline = time.monotonic() + self.timeout
-        spins, pause = 0, 20e-6
+        start = time.monotonic()
+        deadline = start + self.timeout
+        pause = 20e-6
         while not request.Test():
-            spins += 1
-            if spins > 100:  # then yield the core: ranks may outnumber cores
+            now = time.monotonic()
+            if now - start < _BUSY_WAIT:
+                # Ranks may outnumber cores: hand the core to a rank that has
+                # work, and come back at once when none has.  Sleeping here
+                # instead made every collective cost up to a millisecond.
+                _yield()
+            else:  # a long wait (a slow rank): stop burning the core
                 time.sleep(pause)
                 pause = min(pause * 2, 1e-3)
-            if time.monotonic() > deadline:
+            if now > deadline:
                 raise TimeoutError(
                     f"SyncBatchNorm: rank {self.rank} waited {self.timeout:g} s for the other "
                     f"{self.size - 1} rank(s) of its process group. Every rank must call every "
