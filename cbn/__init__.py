@@ -5,7 +5,7 @@ MindSpore-exact layers (``cbn.mindspore``), and ``cbn.SyncBatchNorm``, which
 normalises with the statistics of the global batch across MPI processes.
 ``import cbn`` needs only NumPy: mpi4py and torch are imported on first use.
 """
-from cbn import convert, functional, mindspore
+from cbn import convert, functional, fuse, mindspore
 from cbn._config import get_num_threads, set_num_threads, threads
 from cbn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from cbn.checkpoint import load, save
@@ -14,5 +14,5 @@ from cbn.sync_batchnorm import SyncBatchNorm
 __version__ = "0.1.0"
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert", "functional",
-           "mindspore", "get_num_threads", "set_num_threads", "threads", "__version__"]
-__all__ += ["save", "load"]
+           "fuse", "mindspore", "save", "load", "get_num_threads", "set_num_threads", "threads",
+           "__version__"]
