@@ -33,6 +33,9 @@ SHAPES = sorted(
     }
     | {(1, 1, 1), (7, 9, 50), (1, 9, 1), (7, 1, 1), (1, 1, 50)}
     | {(3, 5, 1000), (2, 64, 33), (5, 2, 4099)}
+    # channels-last blocks of 64 and 16 channels plus a remainder, over more
+    # than one block of 64 rows
+    | {(3, 16, 70), (2, 100, 40), (1, 131, 130), (4, 80, 3)}
 )
 
 NCS_LAYOUTS = ["contiguous", "n_strided", "c_strided", "n_reversed"]
