@@ -158,6 +158,8 @@ def check_out(batch, out):
         raise ValueError("out is read-only")
     if out.dtype != batch.dtype or not out.size:
         return None
+    if out.flags.c_contiguous and batch.data.flags.c_contiguous:  # the common case
+        return Batch(out, out.reshape(batch.view.shape), batch.channels_last, out.dtype)
     view, _ = layout_views(out, batch.channels_last)
     return None if view is None else Batch(out, view, batch.channels_last, out.dtype)
 
@@ -181,23 +183,32 @@ def like(batch, y, name="grad_output"):
 
 
 def _copy_in_layout(a, channels_last):
-    out = _empty(a.shape, a.dtype, channels_last)
+    out, _ = _empty(a.shape, a.dtype, channels_last)
     np.copyto(out, a)
     return out
 
 
 def _empty(shape, dtype, channels_last):
+    """(array, kernel view) of a new array of ``shape`` in the given layout."""
+    n, c = shape[0], shape[1]
+    spatial = 1
+    for size in shape[2:]:
+        spatial *= size
     if not channels_last:
-        return np.empty(shape, dtype)
-    moved = (shape[0],) + tuple(shape[2:]) + (shape[1],)
-    return np.moveaxis(np.empty(moved, dtype), -1, 1)
+        data = np.empty(shape, dtype)
+        return data, data.reshape(n, c, spatial)
+    if len(shape) == 2:
+        data = np.empty(shape, dtype)
+        return data, data
+    base = np.empty((n,) + tuple(shape[2:]) + (c,), dtype)   # NHWC memory
+    order = (0, base.ndim - 1) + tuple(range(1, base.ndim - 1))
+    return base.transpose(order), base.reshape(n * spatial, c)
 
 
 def empty_like(batch, dtype=None):
     """An uninitialised Batch with ``batch``'s shape, dtype and layout."""
-    a = _empty(batch.shape, dtype or batch.dtype, batch.channels_last)
-    view, _ = layout_views(a, batch.channels_last)
-    return Batch(a, view, batch.channels_last, batch.result_dtype)
+    data, view = _empty(batch.shape, dtype or batch.dtype, batch.channels_last)
+    return Batch(data, view, batch.channels_last, batch.result_dtype)
 
 
 def finish(batch):
