@@ -40,9 +40,14 @@ demo: build  ## set everything up and train the MPI example on 4 ranks
 	OMP_NUM_THREADS=1 $(VENV)/bin/mpiexec -n $(RANKS) $(PY) -m mpi4py mpi_examples/train.py
 
 # matplotlib only draws the chart: without it (e.g. offline) the benchmark still runs.
-bench: build  ## benchmarks against PyTorch and NumPy (results in benchmarks/results/)
+# The comparison needs torch in the venv: TORCH=torch==2.13.0 is the CPU wheel the
+# project is measured against (set TORCH= to skip it and compare with NumPy only).
+TORCH ?= torch==2.13.0
+bench: build  ## benchmarks against PyTorch and NumPy, and SyncBatchNorm on 1/2/4 ranks (results in benchmarks/results/)
 	@$(PIP) install -q matplotlib || echo "matplotlib not installed: the chart will be skipped"
+	@if [ -n "$(TORCH)" ]; then $(PIP) install -q "$(TORCH)" || echo "torch not installed: cbn vs NumPy only"; fi
 	$(PY) benchmarks/run.py
+	$(PY) benchmarks/sync_bench.py
 
 clean:  ## remove build products (keeps .venv)
 	rm -rf build *.egg-info cbn/*.so pyx/*.c cbn/*.c .pytest_cache

@@ -60,7 +60,7 @@ def threads(n):
 def kernel_threads():
     """The thread count for the next kernel call on this Python thread."""
     global _pool_started
-    n = get_num_threads()
+    n = _num_threads if _num_threads is not None and not _serial_after_fork else get_num_threads()
     limit = getattr(_local, "limit", None)
     if limit is not None and limit < n:
         n = limit

@@ -220,12 +220,25 @@ def finish(batch):
 
 # --- kernel dispatch -------------------------------------------------------
 
+def _specialisations(ncs, mc):
+    """{(dtype, channels_last): kernel}, resolved once: Cython's fused-type
+    dispatch by signature costs more than a small call's whole kernel."""
+    return {(np.dtype(dtype), channels_last): kernel[name]
+            for dtype, name in ((np.float32, "float"), (np.float64, "double"))
+            for channels_last, kernel in ((False, ncs), (True, mc))}
+
+
+_MOMENTS = _specialisations(_stats.moments_ncs, _stats.moments_mc)
+_GRAD_SUMS = _specialisations(_stats.grad_sums_ncs, _stats.grad_sums_mc)
+_SCALE_SHIFT = _specialisations(_normalize.scale_shift_ncs, _normalize.scale_shift_mc)
+_GRAD_INPUT = _specialisations(_backward.grad_input_ncs, _backward.grad_input_mc)
+
+
 def moments(batch, shift, n_threads):
     """float64 (sum(x - shift), sum((x - shift)**2)) per channel."""
     c = batch.shape[1]
     s, q = np.empty(c), np.empty(c)
-    kernel = _stats.moments_mc if batch.channels_last else _stats.moments_ncs
-    kernel(batch.view, shift, s, q, n_threads)
+    _MOMENTS[batch.dtype, batch.channels_last](batch.view, shift, s, q, n_threads)
     return s, q
 
 
@@ -233,22 +246,19 @@ def grad_sums(dy, x, center, n_threads):
     """float64 (sum(dy), sum(dy * (x - center))) per channel."""
     c = x.shape[1]
     s, t = np.empty(c), np.empty(c)
-    kernel = _stats.grad_sums_mc if x.channels_last else _stats.grad_sums_ncs
-    kernel(dy.view, x.view, center, s, t, n_threads)
+    _GRAD_SUMS[x.dtype, x.channels_last](dy.view, x.view, center, s, t, n_threads)
     return s, t
 
 
 def scale_shift(x, scale, shift, n_threads, out=None):
     """x * scale[c] + shift[c] into a new (or the given) Batch."""
     out = empty_like(x) if out is None else out
-    kernel = _normalize.scale_shift_mc if x.channels_last else _normalize.scale_shift_ncs
-    kernel(x.view, scale, shift, out.view, n_threads)
+    _SCALE_SHIFT[x.dtype, x.channels_last](x.view, scale, shift, out.view, n_threads)
     return out
 
 
 def grad_input(dy, x, a, b, m, c, n_threads, out=None):
     """a[c] * dy + b[c] * (x - m[c]) + c[c] into a new (or the given) Batch."""
     out = empty_like(x) if out is None else out
-    kernel = _backward.grad_input_mc if x.channels_last else _backward.grad_input_ncs
-    kernel(dy.view, x.view, a, b, m, c, out.view, n_threads)
+    _GRAD_INPUT[x.dtype, x.channels_last](dy.view, x.view, a, b, m, c, out.view, n_threads)
     return out

@@ -7,17 +7,14 @@ seed and keeps its own (uneven, possibly empty) shard; SyncBatchNorm on the
 shards must equal one cbn.mindspore.BatchNorm on the group's whole batch.  A
 failed check raises, so mpiexec fails; rank 0 prints "OK <check>" per check.
 """
-import sys
 
 import numpy as np
-from mpi4py import MPI
 
 import cbn
 import cbn.mindspore as ms
-from mpi_sync_checks import TOL, shard_bounds
+from mpi_sync_checks import TOL
 
-WORLD = MPI.COMM_WORLD
-RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()
+from mpi_common import RANK, SIZE, WORLD, run_checks, shard_bounds
 
 
 def compare(shape, process_groups=None, use_batch_statistics=None, training=True, steps=3):
@@ -99,12 +96,5 @@ def check_bad_input_on_one_rank():
     compare((11, 3, 2, 2))  # the layer still works afterwards
 
 
-CHECKS = {name[len("check_"):]: f for name, f in globals().items() if name.startswith("check_")}
-
 if __name__ == "__main__":
-    cbn.set_num_threads(1)  # ranks may outnumber cores
-    for name in sys.argv[1:]:
-        CHECKS[name]()
-        WORLD.Barrier()
-        if RANK == 0:
-            print(f"OK {name} on {SIZE} ranks", flush=True)
+    run_checks(globals())

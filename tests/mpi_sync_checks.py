@@ -20,32 +20,8 @@ from mpi4py import MPI
 import cbn
 from cbn.comm import split_world
 
-WORLD = MPI.COMM_WORLD
-RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()
+from mpi_common import RANK, SIZE, WORLD, CountingComm, run_checks, shard_bounds
 TOL = {np.float32: dict(rtol=2e-4, atol=2e-5), np.float64: dict(rtol=1e-9, atol=1e-11)}
-
-
-class CountingComm:
-    """An mpi4py communicator that counts the collectives SyncBatchNorm starts."""
-
-    def __init__(self, comm):
-        self.comm, self.calls = comm, 0
-
-    def Iallreduce(self, *args, **kwargs):
-        self.calls += 1
-        return self.comm.Iallreduce(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.comm, name)
-
-
-def shard_bounds(n, size, rank):
-    """Uneven shards; with 3+ ranks rank 1 holds nothing."""
-    weights = np.arange(1, size + 1, dtype=float)
-    if size >= 3:
-        weights[1] = 0
-    cuts = np.concatenate([[0], np.round(np.cumsum(weights) / weights.sum() * n)]).astype(int)
-    return cuts[rank], cuts[rank + 1]
 
 
 def channels_last(a):
@@ -248,12 +224,5 @@ def check_convert():
     compare((10, 4, 3), np.float32)
 
 
-CHECKS = {name[len("check_"):]: f for name, f in globals().items() if name.startswith("check_")}
-
 if __name__ == "__main__":
-    cbn.set_num_threads(1)  # ranks may outnumber cores
-    for name in sys.argv[1:]:
-        CHECKS[name]()
-        WORLD.Barrier()
-        if RANK == 0:
-            print(f"OK {name} on {SIZE} ranks", flush=True)
+    run_checks(globals())

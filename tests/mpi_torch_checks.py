@@ -9,7 +9,6 @@ the shards with the unconverted torch model on the whole batch.  A failed
 check raises, so the rank exits non-zero (``-m mpi4py`` aborts the job) and
 mpiexec fails; rank 0 prints "OK <check> on K ranks" per check.
 """
-import sys
 
 import numpy as np
 import torch
@@ -19,32 +18,8 @@ import cbn
 import cbn.torch as ct
 from cbn.comm import split_world
 
-WORLD = MPI.COMM_WORLD
-RANK, SIZE = WORLD.Get_rank(), WORLD.Get_size()
+from mpi_common import RANK, SIZE, WORLD, CountingComm, run_checks, shard_bounds
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.float64: dict(rtol=1e-9, atol=1e-11)}
-
-
-class CountingComm:
-    """An mpi4py communicator that counts the collectives the layers start."""
-
-    def __init__(self, comm):
-        self.comm, self.calls = comm, 0
-
-    def Iallreduce(self, *args, **kwargs):
-        self.calls += 1
-        return self.comm.Iallreduce(*args, **kwargs)
-
-    def __getattr__(self, name):
-        return getattr(self.comm, name)
-
-
-def shard_bounds(n, size, rank):
-    """Uneven shards; with 3+ ranks rank 1 holds nothing."""
-    weights = np.arange(1, size + 1, dtype=float)
-    if size >= 3:
-        weights[1] = 0
-    cuts = np.concatenate([[0], np.round(np.cumsum(weights) / weights.sum() * n)]).astype(int)
-    return int(cuts[rank]), int(cuts[rank + 1])
 
 
 def make_model(dtype):
@@ -216,13 +191,6 @@ def check_allreduce_gradients_average():
     assert torch.equal(model.bias.grad, torch.ones(2)), model.bias.grad
 
 
-CHECKS = {name[len("check_"):]: f for name, f in globals().items() if name.startswith("check_")}
-
 if __name__ == "__main__":
     torch.set_num_threads(1)  # ranks may outnumber cores
-    cbn.set_num_threads(1)
-    for name in sys.argv[1:]:
-        CHECKS[name]()
-        WORLD.Barrier()
-        if RANK == 0:
-            print(f"OK {name} on {SIZE} ranks", flush=True)
+    run_checks(globals())
