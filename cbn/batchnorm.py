@@ -9,6 +9,7 @@ the subclasses differ only in the input ranks they accept.  Semantics are
     running_var  = (1 - f) * running_var  + f * var_unbiased(x)
     y = (x - mean(x)) / sqrt(var_biased(x) + eps) * weight + bias
 """
+import sys
 import threading
 
 import numpy as np
@@ -170,7 +171,7 @@ class _BatchNorm:
         return self._forward(self._batch(x), out)
 
     def _forward(self, batch, out=None):
-        target = None if out is None else _layout.check_out(batch, out)
+        target = self._recycled_output(batch) if out is None else _layout.check_out(batch, out)
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
             update = self.training and self.track_running_stats
@@ -195,7 +196,35 @@ class _BatchNorm:
             y = _layout.scale_shift(batch, cached.scale, cached.shift, kernel_threads(), target)
             mean, invstd, count = cached.mean, cached.invstd, batch.count
         self._save(batch, out, mean, invstd, use_batch_stats, count)
+        if out is None and y.data.nbytes >= self.RECYCLE_BYTES:
+            self._spare = y
         return self._deliver(y, out)
+
+    #: Outputs of at least this many bytes are recycled once the caller has
+    #: dropped them (see ``_recycled_output``); set to ``float('inf')`` to never.
+    RECYCLE_BYTES = 1 << 20
+
+    def _recycled_output(self, batch):
+        """The last output's memory for this call's output, when nobody holds it any more.
+
+        Fresh memory for a large output costs a page fault per page on every
+        call, because the allocator returns large blocks to the system.  Once
+        the caller has dropped the previous output (no reference, no view
+        left), writing the new one into it is invisible to anyone.
+        """
+        spare = self.__dict__.pop("_spare", None)   # a dict pop: one thread gets it
+        if (spare is None or spare.shape != batch.shape or spare.dtype != batch.dtype
+                or spare.channels_last != batch.channels_last):
+            return None
+        # Nobody else may hold the array we returned, nor the array owning its
+        # memory (every NumPy view refers to the owner).  Count the references
+        # that are ours: the Batch's two arrays, the local name, getrefcount's.
+        for array in {id(a): a for a in (spare.data, spare.data.base) if a is not None}.values():
+            ours = 2 + sum(array is a for a in (spare.data, spare.data.base,
+                                                 spare.view, spare.view.base))
+            if sys.getrefcount(array) != ours:
+                return None
+        return spare
 
     def _eval_coefficients(self, dtype):
         """Per-channel (mean, invstd, scale, shift) from the running statistics, cached.
@@ -249,7 +278,7 @@ class _BatchNorm:
         return dx
 
     # Locks and caches do not travel with copies or pickles.
-    _TRANSIENT = ("_lock", "_eval_cache", "_saved")
+    _TRANSIENT = ("_lock", "_eval_cache", "_saved", "_spare")
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in self._TRANSIENT}

@@ -184,3 +184,55 @@ def test_layers_copy_and_pickle_without_their_lock():
         clone(np.ones((2, 3, 2, 2)))
         with pytest.raises(RuntimeError, match="before any forward"):
             type(clone)(3).backward(np.ones((2, 3, 2, 2)))
+
+
+def address(a):
+    return a.__array_interface__["data"][0]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_dropped_large_output_is_recycled_and_a_held_one_never(channels_last):
+    rng = np.random.default_rng(6)
+    x = rng.standard_normal((8, 64, 32, 32)).astype(np.float32)   # 2 MiB output
+    if channels_last:
+        x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+    layer = cbn.BatchNorm2d(64).eval()
+    first = layer(x)
+    kept = first.copy()
+    second = layer(x * 2)                  # `first` is held: fresh memory
+    assert address(second) != address(first)
+    np.testing.assert_array_equal(first, kept)
+    view = second[:, :3]
+    view_values = view.copy()
+    address_second = address(second)
+    del second
+    third = layer(x * 3)                   # a view of `second` is held: fresh memory
+    assert address(third) != address_second
+    np.testing.assert_array_equal(view, view_values)
+    address_third = address(third)
+    del third
+    fourth = layer(x * 4)                  # nothing holds `third`: its memory is reused
+    assert address(fourth) == address_third
+    np.testing.assert_array_equal(fourth, expected_eval(layer, x * 4))
+    assert channels_last == np.moveaxis(fourth, 1, -1).flags.c_contiguous
+
+
+def test_recycling_threads_never_share_a_buffer():
+    rng = np.random.default_rng(7)
+    layer = cbn.BatchNorm2d(32).eval()
+    inputs = [rng.standard_normal((4, 32, 48, 48)).astype(np.float32) for _ in range(8)]
+    expected = [expected_eval(layer, x) for x in inputs]
+    failures = []
+
+    def work(i):
+        for _ in range(20):
+            y = layer(inputs[i])            # dropped at the next iteration: recyclable
+            if not np.array_equal(y, expected[i]):
+                failures.append(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not failures
