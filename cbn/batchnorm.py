@@ -171,7 +171,12 @@ class _BatchNorm:
         return self._forward(self._batch(x), out)
 
     def _forward(self, batch, out=None):
-        target = self._recycled_output(batch) if out is None else _layout.check_out(batch, out)
+        if out is not None:
+            target = _layout.check_out(batch, out)
+        elif batch.data.nbytes >= self.RECYCLE_BYTES:
+            target = self._recycled_output(batch)
+        else:
+            target = None
         use_batch_stats = self.training or not self.track_running_stats
         if use_batch_stats:
             update = self.training and self.track_running_stats
