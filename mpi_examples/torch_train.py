@@ -35,7 +35,7 @@ from mpi4py import MPI
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cbn  # noqa: E402
 import cbn.torch  # noqa: E402
-from data import load_dataset  # noqa: E402
+from data import load_dataset, uneven_shard  # noqa: E402
 
 nn = torch.nn
 
@@ -128,10 +128,7 @@ def main():
     data = (x_train.astype(images), y_train, x_test.astype(images), y_test)
 
     def shard(n):
-        """Uneven shards: rank r gets a share proportional to r + 1."""
-        cuts = np.round(np.cumsum(np.arange(1, size + 1)) / (size * (size + 1) / 2) * n)
-        cuts = np.concatenate([[0], cuts]).astype(int)
-        return int(cuts[rank]), int(cuts[rank + 1])
+        return uneven_shard(n, rank, size)
 
     def say(*text):
         if rank == 0:

@@ -25,7 +25,7 @@ from mpi4py import MPI
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cbn  # noqa: E402
-from data import load_dataset  # noqa: E402
+from data import load_dataset, uneven_shard  # noqa: E402
 
 
 class Conv3x3:
@@ -190,10 +190,7 @@ def main():
     data = (data[0].astype(dtype), data[1], data[2].astype(dtype), data[3], data[4])
 
     def shard(n):
-        """Uneven shards: rank r gets a share proportional to r + 1."""
-        cuts = np.round(np.cumsum(np.arange(1, size + 1)) / (size * (size + 1) / 2) * n)
-        cuts = np.concatenate([[0], cuts]).astype(int)
-        return int(cuts[rank]), int(cuts[rank + 1])
+        return uneven_shard(n, rank, size)
 
     def say(*text):
         if rank == 0:
