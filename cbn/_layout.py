@@ -158,7 +158,12 @@ def check_out(batch, out):
         raise ValueError("out is read-only")
     if out.dtype != batch.dtype or not out.size:
         return None
-    if out.flags.c_contiguous and batch.data.flags.c_contiguous:  # the common case
+    data = batch.data
+    if np.may_share_memory(out, data) and (
+            out.__array_interface__["data"][0] != data.__array_interface__["data"][0]
+            or out.strides != data.strides):
+        return None  # overlaps the input without being it: stage, or reads see new values
+    if out.flags.c_contiguous and data.flags.c_contiguous:  # the common case
         return Batch(out, out.reshape(batch.view.shape), batch.channels_last, out.dtype)
     view, _ = layout_views(out, batch.channels_last)
     return None if view is None else Batch(out, view, batch.channels_last, out.dtype)

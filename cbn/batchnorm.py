@@ -201,9 +201,10 @@ class _BatchNorm:
             y = _layout.scale_shift(batch, cached.scale, cached.shift, kernel_threads(), target)
             mean, invstd, count = cached.mean, cached.invstd, batch.count
         self._save(batch, out, mean, invstd, use_batch_stats, count)
+        result = self._deliver(y, out)  # a reference of the caller's before y is offered
         if out is None and y.data.nbytes >= self.RECYCLE_BYTES:
             self._spare = y
-        return self._deliver(y, out)
+        return result
 
     #: Outputs of at least this many bytes are recycled once the caller has
     #: dropped them (see ``_recycled_output``); set to ``float('inf')`` to never.
@@ -273,14 +274,17 @@ class _BatchNorm:
         if saved is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
         if saved is _OVERWRITTEN:
-            raise RuntimeError(f"{type(self).__name__}.backward: the last forward wrote its "
-                               f"output over its input (out=x), which backward needs")
+            raise self._overwritten_error()
         dx, grad_weight, grad_bias = F.backward(saved, grad_output, self._reduce_grad_sums(),
                                                 out)
         if self.affine:
             self.grad_weight = grad_weight.astype(self.dtype)
             self.grad_bias = grad_bias.astype(self.dtype)
         return dx
+
+    def _overwritten_error(self):
+        return RuntimeError(f"{type(self).__name__}.backward: the last forward wrote its "
+                            f"output over its input (out=x), which backward needs")
 
     # Locks and caches do not travel with copies or pickles.
     _TRANSIENT = ("_lock", "_eval_cache", "_saved", "_spare")

@@ -124,6 +124,16 @@ def backward(saved, dy, reduce=None, out=None):
     return out, grad_weight, grad_bias
 
 
+def _per_channel(name, value, num_features):
+    """``value`` as a float array of shape (C,) (TypeError/ValueError naming it otherwise)."""
+    array = np.asarray(value)
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    if array.shape != (num_features,):
+        raise ValueError(f"{name} must have shape ({num_features},), got {array.shape}")
+    return array.astype(np.float64) if array.dtype.kind != "f" else array
+
+
 def batch_norm(input, running_mean, running_var, weight=None, bias=None,
                training=False, momentum=0.1, eps=1e-5):
     """Batch normalisation of ``input`` of shape (N, C, ...), as ``torch.nn.functional.batch_norm``.
@@ -137,14 +147,25 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None,
     if a.ndim < 2:
         raise ValueError(f"expected an input of rank >= 2 (N, C, ...), got shape {a.shape}")
     num_features = a.shape[1]
-    for name, value in (("running_mean", running_mean), ("running_var", running_var),
-                        ("weight", weight), ("bias", bias)):
-        if value is not None and np.shape(value) != (num_features,):
-            raise ValueError(f"{name} must have shape ({num_features},), got {np.shape(value)}")
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must either both be None or neither")
+    if not training and running_mean is None:
+        raise ValueError("running_mean and running_var are required when training is False")
+    weight = None if weight is None else _per_channel("weight", weight, num_features)
+    bias = None if bias is None else _per_channel("bias", bias, num_features)
+    for name, value in (("running_mean", running_mean), ("running_var", running_var)):
+        if value is None:
+            continue
+        if training:  # updated in place: must be a writable float array of its own
+            if not isinstance(value, np.ndarray) or value.dtype.kind != "f":
+                raise TypeError(f"{name} must be a floating-point NumPy array (it is updated "
+                                f"in place), got {type(value).__name__} "
+                                f"{getattr(value, 'dtype', '')}".rstrip())
+            if not value.flags.writeable:
+                raise ValueError(f"{name} is read-only, but training updates it in place")
+        _per_channel(name, value, num_features)
     if eps <= 0:
         raise ValueError(f"eps must be > 0, got {eps}")
-    if not training and (running_mean is None or running_var is None):
-        raise ValueError("running_mean and running_var are required when training is False")
     batch = _layout.as_batch(a, num_features, None, "(N, C, ...)")
     if batch.count == 0:
         return _layout.finish(_layout.empty_like(batch))
@@ -155,6 +176,7 @@ def batch_norm(input, running_mean, running_var, weight=None, bias=None,
         mean, var = mean_var(*moments(batch))
         update_running(running_mean, running_var, mean, var, batch.count, momentum)
     else:
-        mean, var = running_mean, running_var
+        mean = _per_channel("running_mean", running_mean, num_features)
+        var = _per_channel("running_var", running_var, num_features)
     y, _ = normalize(batch, mean, var, weight, bias, eps)
     return _layout.finish(y)

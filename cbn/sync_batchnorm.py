@@ -15,7 +15,7 @@ import numpy as np
 from cbn import _layout, comm as _comm
 from cbn import functional as F
 from cbn._config import kernel_threads
-from cbn.batchnorm import _BatchNorm
+from cbn.batchnorm import _OVERWRITTEN, _BatchNorm
 
 __all__ = ["SyncBatchNorm", "GlobalStats"]
 
@@ -131,6 +131,8 @@ class SyncBatchNorm(_BatchNorm):
             return super().forward(x, out)
         try:
             batch = self._batch(x)
+            if out is not None:
+                _layout.check_out(batch, out)
         except (TypeError, ValueError) as exc:
             self._global_stats().fail_forward(exc)
         self._synced = True
@@ -146,6 +148,8 @@ class SyncBatchNorm(_BatchNorm):
 
     def backward(self, grad_output, out=None):
         saved = self._saved
+        if self._synced and saved is _OVERWRITTEN:
+            self._global_stats().fail_backward(self._overwritten_error())
         if not (self._synced and isinstance(saved, F.Saved) and saved.batch_stats):
             return super().backward(grad_output, out)
         try:

@@ -162,6 +162,24 @@ def check_bad_input_on_one_rank():
         assert (f"rank {bad}" in str(exc)) if RANK == bad else (f"[{bad}]" in str(exc))
     else:
         raise AssertionError("a bad gradient on one rank must raise everywhere")
+    # A bad out= on one rank raises on every rank.
+    x = np.random.default_rng(RANK).standard_normal((4, 3)).astype(np.float32)
+    out = np.empty((4, 3), np.float64) if RANK == bad else None
+    try:
+        layer(x, out=out)
+    except ValueError as exc:
+        assert (f"rank {bad}" in str(exc)) if RANK == bad else (f"[{bad}]" in str(exc))
+    else:
+        raise AssertionError("a bad out= on one rank must raise everywhere")
+    # out=x on one rank, then backward: the input is gone there; every rank raises.
+    x = np.random.default_rng(RANK).standard_normal((4, 3)).astype(np.float32)
+    layer(x, out=x if RANK == bad else None)
+    try:
+        layer.backward(np.ones((4, 3), np.float32))
+    except RuntimeError as exc:
+        assert (f"rank {bad}" in str(exc)) if RANK == bad else (f"[{bad}]" in str(exc))
+    else:
+        raise AssertionError("backward after out=x on one rank must raise everywhere")
     # The layer still works afterwards.
     layer(np.random.default_rng(RANK).standard_normal((4, 3)))
 

@@ -236,3 +236,13 @@ def test_recycling_threads_never_share_a_buffer():
     for t in threads:
         t.join()
     assert not failures
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_out_partly_overlapping_the_input_gives_the_right_answer(training):
+    buf = np.random.default_rng(8).random(361).astype(np.float32)
+    x = buf[:-1].reshape(3, 4, 5, 6)
+    expected = cbn.BatchNorm2d(4).train(training)(x.copy())
+    out = buf[1:].reshape(3, 4, 5, 6)       # shares memory with x, shifted by one
+    cbn.BatchNorm2d(4).train(training)(x, out=out)
+    np.testing.assert_array_equal(out, expected)

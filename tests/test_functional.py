@@ -116,3 +116,27 @@ def test_one_value_per_channel_in_training_raises(rng):
 def test_integer_input_raises_type_error():
     with pytest.raises(TypeError, match="int64"):
         batch_norm(np.ones((4, 3), np.int64), None, None, training=True)
+
+
+
+def test_running_stats_that_cannot_be_updated_are_rejected_before_any_change():
+    x = np.random.default_rng(9).standard_normal((4, 3, 5))
+    mean, var = np.zeros(3), np.ones(3)
+    var.setflags(write=False)
+    with pytest.raises(ValueError, match="running_var is read-only"):
+        batch_norm(x, mean, var, training=True)
+    assert np.all(mean == 0)
+    with pytest.raises(TypeError, match="running_mean must be a floating-point"):
+        batch_norm(x, np.zeros(3, np.int64), np.ones(3), training=True)
+    with pytest.raises(TypeError, match="running_var must be a floating-point"):
+        batch_norm(x, mean.copy(), [1.0, 1.0, 1.0], training=True)
+    with pytest.raises(ValueError, match="both be None or neither"):
+        batch_norm(x, np.zeros(3), None, training=True)
+
+
+def test_weight_and_bias_may_be_any_array_like():
+    x = np.random.default_rng(10).standard_normal((4, 3, 5))
+    expected = batch_norm(x, None, None, np.array([1.0, 2.0, 3.0]),
+                                         np.array([0.0, 1.0, 0.0]), training=True)
+    got = batch_norm(x, None, None, [1, 2, 3], (0.0, 1.0, 0.0), training=True)
+    np.testing.assert_array_equal(got, expected)
