@@ -71,9 +71,6 @@ def _ncs_view(a):
     view = _reshaped_view(a, (n, c, spatial))
     if view is None or (spatial > 1 and view.strides[2] != a.itemsize):
         return None
-    if spatial <= 1:
-        view = np.lib.stride_tricks.as_strided(
-            view, (n, c, spatial), (view.strides[0], view.strides[1], a.itemsize))
     return view
 
 
@@ -82,12 +79,7 @@ def _mc_view(a):
         return None
     moved = np.moveaxis(a, 1, -1)
     c = a.shape[1]
-    view = _reshaped_view(moved, (a.size // c, c))
-    if view is None:
-        return None
-    if c == 1:
-        view = np.lib.stride_tricks.as_strided(view, view.shape, (view.strides[0], a.itemsize))
-    return view
+    return _reshaped_view(moved, (a.size // c, c))
 
 
 def layout_views(a, channels_last=None):
@@ -214,6 +206,15 @@ def empty_like(batch, dtype=None):
     """An uninitialised Batch with ``batch``'s shape, dtype and layout."""
     data, view = _empty(batch.shape, dtype or batch.dtype, batch.channels_last)
     return Batch(data, view, batch.channels_last, batch.result_dtype)
+
+
+def deliver(batch, out):
+    """The caller's result: ``out`` itself when given (filled from a staging Batch if needed)."""
+    if out is None:
+        return finish(batch)
+    if batch.data is not out:
+        np.copyto(out, finish(batch))
+    return out
 
 
 def finish(batch):

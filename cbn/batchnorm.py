@@ -154,10 +154,7 @@ class _BatchNorm:
 
     def _batch_moments(self, batch):
         """(count, s, q, shift) of the batch (count 0: empty); SyncBatchNorm makes them global."""
-        if batch.count == 0:
-            return 0, None, None, None
-        F.check_count(batch.count, batch.shape)
-        return F.moments(batch)
+        return F.batch_moments(batch)
 
     def _reduce_grad_sums(self):
         """None, or a function turning local gradient sums into global ones."""
@@ -188,7 +185,7 @@ class _BatchNorm:
                         self.num_batches_tracked += 1
                 zeros = np.zeros(self.num_features)
                 self._save(batch, out, zeros, zeros, False, 0)
-                return self._deliver(_layout.empty_like(batch), out)
+                return _layout.deliver(_layout.empty_like(batch), out)
             mean, var = F.mean_var(count, s, q, shift)
             if update:
                 with self._lock:
@@ -201,7 +198,7 @@ class _BatchNorm:
             y = _layout.scale_shift(batch, cached.scale, cached.shift, kernel_threads(), target)
             mean, invstd, count = cached.mean, cached.invstd, batch.count
         self._save(batch, out, mean, invstd, use_batch_stats, count)
-        result = self._deliver(y, out)  # a reference of the caller's before y is offered
+        result = _layout.deliver(y, out)  # a reference of the caller's before y is offered
         if out is None and y.data.nbytes >= self.RECYCLE_BYTES:
             self._spare = y
         return result
@@ -255,15 +252,6 @@ class _BatchNorm:
             self._saved = _OVERWRITTEN  # forward(x, out=x): the input backward needs is gone
         else:
             self._saved = F.Saved(batch, mean, invstd, self.weight, batch_stats, count)
-
-    @staticmethod
-    def _deliver(y, out):
-        """The caller's result: ``out`` itself when given (filled from a staging buffer if needed)."""
-        if out is None:
-            return _layout.finish(y)
-        if y.data is not out:
-            np.copyto(out, _layout.finish(y))
-        return out
 
     def backward(self, grad_output, out=None):
         """dL/dx for the last forward; sets ``grad_weight`` and ``grad_bias``.

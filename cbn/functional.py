@@ -46,6 +46,17 @@ def moments(batch, shift=None):
     return batch.count, s, q, shift
 
 
+def batch_moments(batch):
+    """(count, s, q, shift) of a training batch; count 0 (and Nones) for an empty one.
+
+    Raises PyTorch's error when a channel holds a single value.
+    """
+    if batch.count == 0:
+        return 0, None, None, None
+    check_count(batch.count, batch.shape)
+    return moments(batch)
+
+
 def mean_var(count, s, q, shift):
     """float64 per-channel mean and biased variance from shifted sums."""
     with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN stay in their channel
@@ -117,11 +128,7 @@ def backward(saved, dy, reduce=None, out=None):
     else:
         dx = _layout.scale_shift(dy, a.astype(dtype), np.zeros(len(a), dtype),
                                  kernel_threads(), target)
-    if out is None:
-        return _layout.finish(dx), grad_weight, grad_bias
-    if dx.data is not out:
-        np.copyto(out, _layout.finish(dx))
-    return out, grad_weight, grad_bias
+    return _layout.deliver(dx, out), grad_weight, grad_bias
 
 
 def _per_channel(name, value, num_features):

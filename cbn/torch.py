@@ -45,14 +45,6 @@ def _input_batch(input, num_features):
     return _layout.as_batch(_numpy(input), num_features, None, "(N, C, ...)")
 
 
-def _local_moments(batch):
-    """(count, s, q, shift) of this process's batch, as cbn.BatchNorm computes them."""
-    if batch.count == 0:
-        return 0, None, None, None
-    F.check_count(batch.count, batch.shape)
-    return F.moments(batch)
-
-
 class _BatchNormFunction(torch.autograd.Function):
     """(input, weight, bias) -> output of batch norm, on cbn's functional core.
 
@@ -71,7 +63,7 @@ class _BatchNormFunction(torch.autograd.Function):
         update = use_batch_stats and running_mean is not None
         if use_batch_stats:
             if global_stats is None:
-                count, s, q, shift = _local_moments(batch)
+                count, s, q, shift = F.batch_moments(batch)
             else:
                 count, s, q, shift = global_stats.moments(batch, running_mean)
             if count == 0:  # an empty (global) batch: empty output, statistics untouched

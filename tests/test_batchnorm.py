@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import cbn
-from twin import twin_backward, twin_batch_norm
+from twin import make_input, twin_backward, twin_batch_norm
 
 # Tolerances against the float64 twin, relative to the largest term of the
 # computation (see `output_scale`, `dx_scale`; default: the largest |expected|).
@@ -91,17 +91,6 @@ def arrange(x, layout):
 
 def is_channels_last(a):
     return np.moveaxis(a, 1, -1).flags.c_contiguous
-
-
-def make_input(rng, shape, dtype, offsets=None):
-    """Per-channel offsets and spreads, so every channel's statistics differ."""
-    channels = shape[1]
-    if offsets is None:
-        offsets = rng.uniform(-3, 3, channels)
-    spreads = rng.uniform(0.5, 2.0, channels)
-    bshape = (1, channels) + (1,) * (len(shape) - 2)
-    x = offsets.reshape(bshape) + spreads.reshape(bshape) * rng.standard_normal(shape)
-    return x.astype(dtype)
 
 
 def make_layer(cls, channels, rng, dtype=np.float32, **kwargs):

@@ -9,18 +9,10 @@ import numpy as np
 import pytest
 
 from cbn.functional import batch_norm
-from twin import twin_batch_norm
+from twin import make_input, twin_batch_norm
 
 TOL = {np.float32: 1e-5, np.float64: 1e-11}
 SHAPES = [(6, 3), (4, 3, 5), (3, 3, 4, 5), (2, 3, 2, 3, 4)]
-
-
-def make_input(rng, shape, dtype):
-    channels = shape[1]
-    bshape = (1, channels) + (1,) * (len(shape) - 2)
-    offsets = rng.uniform(-3, 3, channels).reshape(bshape)
-    spreads = rng.uniform(0.5, 2.0, channels).reshape(bshape)
-    return (offsets + spreads * rng.standard_normal(shape)).astype(dtype)
 
 
 def assert_close(actual, expected, tol, what):

@@ -13,6 +13,7 @@ import pytest
 import cbn
 import cbn.functional
 import conftest
+from twin import make_input
 
 REL_TOL = {np.float32: 1e-4, np.float64: 1e-9}
 
@@ -32,14 +33,6 @@ MODES = [
 
 def torch_dtype(torch, dtype):
     return {np.float16: torch.float16, np.float32: torch.float32, np.float64: torch.float64}[dtype]
-
-
-def make_input(rng, shape, dtype):
-    channels = shape[1]
-    bshape = (1, channels) + (1,) * (len(shape) - 2)
-    offsets = rng.uniform(-3, 3, channels).reshape(bshape)
-    spreads = rng.uniform(0.5, 2.0, channels).reshape(bshape)
-    return (offsets + spreads * rng.standard_normal(shape)).astype(dtype)
 
 
 def to_torch(torch, a, channels_last=False):

@@ -136,3 +136,14 @@ def twin_backward(x, dy, weight, eps, training, mean, var):
     dweight = (dy * xhat).sum(axis=axes)
     dbias = dy.sum(axis=axes)
     return TwinBackward(dx, dweight, dbias)
+
+
+def make_input(rng, shape, dtype, offsets=None):
+    """Per-channel offsets and spreads, so every channel's statistics differ."""
+    channels = shape[1]
+    if offsets is None:
+        offsets = rng.uniform(-3, 3, channels)
+    spreads = rng.uniform(0.5, 2.0, channels)
+    bshape = (1, channels) + (1,) * (len(shape) - 2)
+    x = offsets.reshape(bshape) + spreads.reshape(bshape) * rng.standard_normal(shape)
+    return x.astype(dtype)
