@@ -7,7 +7,7 @@ RANKS ?= 4
 STAMP := $(VENV)/.cbn-installed
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install build test demo bench clean
+.PHONY: help venv install build test test-slow demo bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -29,8 +29,11 @@ install: $(STAMP)  ## install cbn (editable) with its test and MPI extras into .
 build: $(STAMP)  ## compile the Cython kernels in place (after editing pyx/)
 	$(PY) setup.py -q build_ext --inplace
 
-test: build  ## set everything up and run the whole test suite
-	$(PY) -m pytest tests -q
+test: build  ## set everything up and run the test suite (without the slow suites)
+	$(PY) -m pytest tests -q -m "not slow"
+
+test-slow: build  ## the slow suites only (MPI fault injection, torchrun, export); CI runs them
+	$(PY) -m pytest tests -q -m slow || [ $$? -eq 5 ]  # 5: no slow test selected
 
 # The main job: data-parallel training on $(RANKS) local ranks (one OpenMP thread each:
 # ranks may outnumber cores).  scikit-learn brings the dataset, matplotlib the plot.

@@ -45,6 +45,12 @@ def torch():
     return module
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: long suites (MPI fault injection, torchrun, export); `make test` "
+                   "skips them, `make test-slow` and CI run them")
+
+
 def seed_for(nodeid):
     """A seed that depends only on the test's id, so reruns see the same data."""
     return zlib.crc32(nodeid.encode())
