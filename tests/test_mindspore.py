@@ -904,21 +904,13 @@ def test_sync_batchnorm_rejects_groups_that_do_not_partition_the_world(process_g
 
 @pytest.mark.parametrize("ranks", [2, 3, 4])
 def test_sync_batchnorm_over_ranks_equals_the_plain_layer_on_each_groups_batch(ranks):
-    import os
-    import subprocess
-    import sys
     from pathlib import Path
 
-    from test_sync_batchnorm import MPI_TIMEOUT, mpiexec
+    from launch import run_ranks_script
 
     here = Path(__file__).parent
     checks = ["world", "process_groups", "inference_does_not_communicate",
               "bad_input_on_one_rank"]
-    command = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py",
-               str(here / "mpi_mindspore_checks.py"), *checks]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(here.parent))
-    done = subprocess.run(command, capture_output=True, text=True, timeout=MPI_TIMEOUT,
-                          env=env, cwd=here)
-    assert done.returncode == 0, f"mpiexec -n {ranks} failed:\n{done.stdout}\n{done.stderr}"
+    out = run_ranks_script(ranks, here / "mpi_mindspore_checks.py", *checks)
     for check in checks:
-        assert f"OK {check} on {ranks} ranks" in done.stdout, done.stdout
+        assert f"OK {check} on {ranks} ranks" in out, out

@@ -1,7 +1,7 @@
 """The MPI examples run, briefly, under mpiexec (with a timeout each)."""
 import pytest
 
-from test_sync_batchnorm import run_ranks_script
+from launch import run_ranks_script
 
 
 def test_train_check_proves_sync_equals_the_global_batch(tmp_path):

@@ -1,6 +1,4 @@
 """cbn.SyncBatchNorm: one process here, and 2/3/4 ranks under mpiexec (mpi_sync_checks.py)."""
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,44 +7,10 @@ import numpy as np
 import pytest
 
 import cbn
+from launch import run_ranks_script
 
 HERE = Path(__file__).parent
 CHECKS = HERE / "mpi_sync_checks.py"
-MPI_TIMEOUT = 240  # seconds per mpiexec run: a hang fails the test instead of the suite
-
-
-def mpiexec():
-    """The mpiexec next to this Python (the venv's MPICH), else one on PATH; or skip."""
-    candidate = Path(sys.executable).parent / "mpiexec"
-    path = str(candidate) if candidate.exists() else shutil.which("mpiexec")
-    missing = []
-    if path is None:
-        missing.append("mpiexec")
-    try:
-        import mpi4py  # noqa: F401
-    except ImportError:
-        missing.append("mpi4py")
-    if missing:
-        if os.environ.get("CBN_REQUIRE_MPI") == "1":
-            pytest.fail(f"CBN_REQUIRE_MPI=1 but {' and '.join(missing)} missing", pytrace=False)
-        pytest.skip(f"{' and '.join(missing)} not installed (pip install mpi4py mpich)")
-    return path
-
-
-def run_ranks_script(n, script, *args):
-    """stdout of ``mpiexec -n N python -m mpi4py SCRIPT ARGS`` (fails on error or hang)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
-    command = [mpiexec(), "-n", str(n), sys.executable, "-m", "mpi4py", str(script), *args]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=MPI_TIMEOUT,
-                              env=env, cwd=HERE.parent)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"mpiexec -n {n} {script} {' '.join(args)} hung for {MPI_TIMEOUT} s:\n"
-                    f"{exc.stdout}\n{exc.stderr}")
-    assert done.returncode == 0, f"mpiexec -n {n} failed:\n{done.stdout}\n{done.stderr}"
-    return done.stdout
-
-
 def run_ranks(n, *checks):
     return run_ranks_script(n, CHECKS, *checks)
 

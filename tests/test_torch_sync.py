@@ -5,7 +5,6 @@ torch is missing, a failure when CBN_REQUIRE_TORCH=1.  The MPI checks live in
 mpi_torch_checks.py and run under ``mpiexec -n 2`` and ``-n 3``.
 """
 import copy
-import os
 import pickle
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_sync_batchnorm import MPI_TIMEOUT, mpiexec
+from launch import run_ranks_script
 
 HERE = Path(__file__).parent
 CHECKS = HERE / "mpi_torch_checks.py"
@@ -43,17 +42,9 @@ def assert_rel_close(actual, expected, tol, what):
 
 @pytest.mark.parametrize("ranks", [2, 3])
 def test_converted_model_on_shards_equals_torch_model_on_the_global_batch(torch, ranks):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(HERE.parent))
-    command = [mpiexec(), "-n", str(ranks), sys.executable, "-m", "mpi4py", str(CHECKS),
-               *MPI_CHECKS]
-    try:
-        done = subprocess.run(command, capture_output=True, text=True, timeout=MPI_TIMEOUT,
-                              env=env, cwd=HERE.parent)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"mpiexec -n {ranks} hung for {MPI_TIMEOUT} s:\n{exc.stdout}\n{exc.stderr}")
-    assert done.returncode == 0, f"mpiexec -n {ranks} failed:\n{done.stdout}\n{done.stderr}"
+    out = run_ranks_script(ranks, CHECKS, *MPI_CHECKS)
     for check in MPI_CHECKS:
-        assert f"OK {check} on {ranks} ranks" in done.stdout, done.stdout
+        assert f"OK {check} on {ranks} ranks" in out, out
 
 
 # --- gradcheck -------------------------------------------------------------------
