@@ -371,9 +371,11 @@ def _read(path):
         _fail(path, f"not a valid safetensors file: {exc}")
     del data
     metadata = header.pop("__metadata__", None)
-    tensors.sort(key=lambda item: header[item[0]]["data_offsets"])
+    tensors.sort(key=lambda item: header[item[0]]["data_offsets"], reverse=True)
+    del header
     arrays = {}
-    for name, view in tensors:
+    while tensors:  # in file order, releasing the library's objects as we go
+        name, view = tensors.pop()
         if view["dtype"] not in _DTYPES:
             _fail(path, f"tensor {name!r} has dtype {view['dtype']}; cbn reads "
                         f"{', '.join(_DTYPES)}")
@@ -557,6 +559,9 @@ def load(path, into=None):
     try:
         metadata, arrays = _read(path)
         text = (metadata or {}).get("cbn")
+        if text is None and any(FORMAT in value for value in (metadata or {}).values()):
+            _fail(path, f"holds cbn's description under the key {sorted(metadata)}, not 'cbn': "
+                        f"corrupted or edited")
         document = {"kind": "state", "layers": [], "arrays": list(arrays)} if text is None \
             else _parse_document(path, text, arrays)
     except MemoryError:
