@@ -1,43 +1,22 @@
 """Checkpoints that lose nothing: ``cbn.save(path, obj)`` and ``cbn.load(path)``.
 
-A checkpoint is a safetensors file (an 8-byte little-endian header length, a
-JSON header, the raw little-endian buffers), written by the ``safetensors``
-library and readable by every safetensors reader:
-
-- the arrays: a layer's parameters and statistics under its own names
-  (PyTorch's ``weight``, ``bias``, ``running_mean``, ``running_var``,
-  ``num_batches_tracked`` (int64) or MindSpore's ``gamma`` ... ``moving_variance``),
-  a dict of layers' under ``<name>.<array>``, or a state dict's under its keys;
-- the header metadata ``{"cbn": <JSON document>}``: the format version, what
-  was saved (``layer``, ``layers`` or ``state``), each layer's flavour, class,
-  hyper-parameters and mode, and a SHA-256 of the document and every array.
-
-``cbn.load`` reads the file through one open file descriptor with its own
-parser (the library reopens and maps the path, which a concurrent ``save``
-may have replaced), and checks every number before it allocates anything: the
-header length and every array's byte range against the file's size and
-against dtype x shape, the ranges tile the data exactly, and every layer's
-arrays are present with its channel count before the layer is built.  So no
-file makes ``load`` allocate much more than its own size.  Nothing is
-unpickled or evaluated: the classes that can be rebuilt form a fixed table and
-every value of the document is type-checked before it reaches a constructor.
-Any bad file raises ``CheckpointError`` (a ``ValueError``) that says what is
-wrong.  The digest detects corruption and edits made without recomputing it;
-it is not a signature.  A safetensors file without cbn metadata (a torch
-``state_dict`` saved with ``safetensors.torch.save_file``) loads as a dict of
-arrays, or ``into=`` layers by key.
-
-Saving is atomic: the file is written to ``.<name>.cbn-<host>-<pid>-<random>.tmp``
-in the target's directory, ``fsync``-ed, renamed over the target with
-``os.replace``, and the directory is ``fsync``-ed, so a crash at any moment
-leaves the old file or the new one.  Temporaries left by a killed save (their
-process gone, or older than an hour) are removed by the next save to that
-path.  A symlink is followed: the file it points to is replaced, the link stays.
+A checkpoint is a safetensors file written by the ``safetensors`` library: the
+arrays under their names (PyTorch's ``weight`` ... ``num_batches_tracked`` or
+MindSpore's ``gamma`` ... ``moving_variance``, ``<name>.`` before them for a dict
+of layers, a state dict's keys), and in the header metadata ``{"cbn": <JSON>}``
+each layer's flavour, class, hyper-parameters and mode, with a SHA-256 of the
+document and every array.  ``load`` reads the file through one descriptor (so a
+concurrent ``save`` cannot mix two files), lets the library check every byte
+range, and checks every layer's arrays against its class and channel count
+before building it, so no file makes it allocate much more than its own size;
+the classes it can build form a fixed table, nothing is unpickled or evaluated,
+and every bad file raises ``CheckpointError``.  ``save`` writes a temporary
+next to the target, fsyncs, renames and fsyncs the directory.
+See docs/checkpoints.md.
 """
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import secrets
@@ -145,7 +124,8 @@ def _describe(obj):
     document = {"format": FORMAT, "version": VERSION}
     if type(obj) in _FLAVOUR_OF:
         record, arrays = _layer_record(obj)
-        document.update(kind="layer", layers=[dict(record, name=None, arrays={a: a for a in arrays})])
+        document.update(kind="layer",
+                        layers=[dict(record, name=None, arrays={a: a for a in arrays})])
         return arrays, document
     if not isinstance(obj, Mapping):
         raise TypeError(f"cbn.save expects a cbn batch-norm layer, a dict of them or a state "
@@ -251,17 +231,12 @@ def _write_atomically(path, data):
         _check_regular(path, mode)
     directory, name = os.path.split(target)
     _remove_stale_temporaries(directory, name)
-    while True:
-        temporary = os.path.join(directory, f".{name}.cbn-{_HOST}-{os.getpid()}-"
-                                            f"{secrets.token_hex(8)}.tmp")
-        try:
-            # 0o666 and O_EXCL: the umask applies as for any new file, and no existing
-            # file (or symlink planted under the name) is ever opened.
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                         | getattr(os, "O_BINARY", 0), 0o666)
-            break
-        except FileExistsError:  # pragma: no cover - 64 random bits collided
-            continue
+    temporary = os.path.join(directory, f".{name}.cbn-{_HOST}-{os.getpid()}-"
+                                        f"{secrets.token_hex(8)}.tmp")
+    # 0o666 and O_EXCL: the umask applies as for any new file, and no existing
+    # file (or symlink planted under the name) is ever opened.
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                 0o666)
     try:
         with open(fd, "wb") as file:
             file.write(data)
@@ -289,19 +264,17 @@ def _remove_stale_temporaries(directory, name):
                 continue
             with contextlib.suppress(OSError):
                 old = time.time() - entry.stat(follow_symlinks=False).st_mtime > _STALE_SECONDS
-                if old or (match[1] == _HOST and not _alive(int(match[2]))):
-                    os.unlink(entry.path)
+                if old or (match[1] == _HOST and os.name != "nt" and not _alive(int(match[2]))):
+                    os.unlink(entry.path)  # (on Windows os.kill(pid, 0) would kill the process)
 
 
 def _alive(pid):
-    if os.name == "nt":  # pragma: no cover - os.kill(pid, 0) would terminate it
-        return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except OSError:     # it exists but is not ours (EPERM)
-        return True
+    except OSError:  # EPERM: it exists, and is someone else's
+        pass
     return True
 
 
@@ -339,16 +312,13 @@ def _read(path):
     """
     _check_regular(path, os.stat(path).st_mode)  # FileNotFoundError, PermissionError as is
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    with open(os.open(path, flags), "rb", buffering=0) as file:  # O_NONBLOCK: a FIFO never blocks
+    with open(os.open(path, flags), "rb") as file:  # O_NONBLOCK: a FIFO never blocks
         info = os.fstat(file.fileno())
         _check_regular(path, info.st_mode)
-        chunks, size = [], info.st_size  # reading the whole file allocates only its size
-        while sum(map(len, chunks)) < size:
-            chunks.append(file.read(size - sum(map(len, chunks))))
-            if not chunks[-1]:
-                _fail(path, "shrank while being read")
-    data = b"".join(chunks)
-    del chunks
+        size = info.st_size
+        data = file.read(size)  # the whole file: allocates only its size
+    if len(data) != size:
+        _fail(path, f"shrank from {size} to {len(data)} bytes while being read")
     if data[:4] == b"PK\x03\x04":
         _fail(path, "is a zip archive (an .npz checkpoint of cbn 0.1?), not a safetensors "
                     "file: load it with that cbn version and save it again")
@@ -371,8 +341,9 @@ def _read(path):
         _fail(path, f"not a valid safetensors file: {exc}")
     del data
     metadata = header.pop("__metadata__", None)
-    tensors.sort(key=lambda item: header[item[0]]["data_offsets"], reverse=True)
+    offsets = {name: header[name]["data_offsets"] for name, _ in tensors}
     del header
+    tensors.sort(key=lambda item: offsets[item[0]], reverse=True)
     arrays = {}
     while tensors:  # in file order, releasing the library's objects as we go
         name, view = tensors.pop()

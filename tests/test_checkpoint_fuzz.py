@@ -2,7 +2,6 @@
 
 Each test prints its counts (``pytest -s -m slow tests/test_checkpoint_fuzz.py``).
 """
-import json
 import os
 import random
 import signal
@@ -19,7 +18,7 @@ import cbn
 import cbn.mindspore as ms
 from cbn.checkpoint import CheckpointError
 from test_checkpoint import (SUBPROCESS_ENV, description, forged, peak_allocation, randomised,
-                             read_parts, rewrite, size_bombs, temporaries)
+                             rewrite, size_bombs, temporaries)
 
 pytestmark = pytest.mark.slow
 
@@ -167,7 +166,8 @@ print(outcome, before, after)
 @pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's VmHWM")
 def test_forged_files_do_not_raise_the_peak_rss(tmp_path):
     rows = []
-    for make, c in [(lambda: cbn.BatchNorm2d(3), 3 * 10 ** 8), (lambda: cbn.BatchNorm2d(3), 10 ** 13),
+    for make, c in [(lambda: cbn.BatchNorm2d(3), 3 * 10 ** 8),
+                    (lambda: cbn.BatchNorm2d(3), 10 ** 13),
                     (lambda: ms.BatchNorm2d(3), 3 * 10 ** 8)]:
         path, document = forged(tmp_path, make)
         document["layers"][0]["config"]["num_features"] = c
