@@ -121,39 +121,36 @@ def save(path, obj):
 
 def _describe(obj):
     """(arrays to write by tensor name, the JSON document without digest) for ``obj``."""
-    document = {"format": FORMAT, "version": VERSION}
     if type(obj) in _FLAVOUR_OF:
-        record, arrays = _layer_record(obj)
-        document.update(kind="layer",
-                        layers=[dict(record, name=None, arrays={a: a for a in arrays})])
-        return arrays, document
-    if not isinstance(obj, Mapping):
+        kind, layers = "layer", {None: obj}
+    elif not isinstance(obj, Mapping):
         raise TypeError(f"cbn.save expects a cbn batch-norm layer, a dict of them or a state "
                         f"dict of arrays, got {type(obj).__name__}")
-    for key in obj:
-        if not isinstance(key, str) or not _NAME.match(key) or key.startswith("__"):
-            raise ValueError(f"cbn.save: name {key!r} is not allowed: use 1 to 200 letters, "
-                             f"digits, '_', '.' or '-', not starting with '.', '-' or '__'")
-    layers = {key: value for key, value in obj.items() if type(value) in _FLAVOUR_OF}
-    if layers and len(layers) != len(obj):
-        others = [key for key in obj if key not in layers]
-        raise TypeError(f"cbn.save: a dict must hold only cbn batch-norm layers or only "
-                        f"arrays; {others} are not layers but {list(layers)} are")
-    if not layers:
-        document.update(kind="state", layers=[])
+    else:
+        for key in obj:
+            if not isinstance(key, str) or not _NAME.match(key) or key.startswith("__"):
+                raise ValueError(f"cbn.save: name {key!r} is not allowed: use 1 to 200 letters, "
+                                 f"digits, '_', '.' or '-', not starting with '.', '-' or '__'")
+        layers = {key: value for key, value in obj.items() if type(value) in _FLAVOUR_OF}
+        if layers and len(layers) != len(obj):
+            others = [key for key in obj if key not in layers]
+            raise TypeError(f"cbn.save: a dict must hold only cbn batch-norm layers or only "
+                            f"arrays; {others} are not layers but {list(layers)} are")
+        kind = "layers" if layers else "state"
+    document = {"format": FORMAT, "version": VERSION, "kind": kind, "layers": []}
+    if kind == "state":
         return {key: _array_to_save(key, value) for key, value in obj.items()}, document
-    tensors, records = {}, []
+    tensors = {}
     for name, layer in layers.items():
         record, arrays = _layer_record(layer)
-        names = {}
+        record.update(name=name, arrays={})
         for array_name, array in arrays.items():
-            tensor = f"{name}.{array_name}"
+            tensor = array_name if name is None else f"{name}.{array_name}"
             if tensor in tensors:
                 raise ValueError(f"cbn.save: layer names {name!r} and another both give the "
                                  f"array name {tensor!r}")
-            tensors[tensor], names[array_name] = array, tensor
-        records.append(dict(record, name=name, arrays=names))
-    document.update(kind="layers", layers=records)
+            tensors[tensor], record["arrays"][array_name] = array, tensor
+        document["layers"].append(record)
     return tensors, document
 
 
@@ -200,7 +197,7 @@ def _array_to_save(key, value):
         array = np.asarray(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"cbn.save: {key!r} is neither a cbn layer nor an array: {exc}") from exc
-    if array.dtype.kind not in "biuf" or array.dtype.newbyteorder("<") not in _CODE_OF:
+    if array.dtype.newbyteorder("<") not in _CODE_OF:  # bool, integers, floats up to 64 bits
         raise TypeError(f"cbn.save: {key!r} has dtype {array.dtype}; a checkpoint holds only "
                         f"bool, integer and floating-point arrays of at most 64 bits")
     return np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")  # 0-d stays 0-d
