@@ -1,54 +1,43 @@
 """Checkpoints that lose nothing: ``cbn.save(path, obj)`` and ``cbn.load(path)``.
 
-A checkpoint is a standard NumPy ``.npz`` archive (readable with
-``numpy.load(path, allow_pickle=False)``) holding
-
-- the arrays: a layer's parameters and statistics under its own names
-  (``running_mean``, ``moving_variance``, ...), a dict of layers' under
-  ``<name>.<array>``, or a state dict's under its keys;
-- ``__cbn_checkpoint__``: a 0-d unicode array with one JSON document that
-  records the format version, what was saved (``layer``, ``layers`` or
-  ``state``), each layer's flavour, class, hyper-parameters and mode, each
-  array's dtype, shape and SHA-256, and the SHA-256 of the document itself.
-
-Nothing is pickled, and loading never unpickles (``allow_pickle=False``): the
-classes that can be rebuilt form a fixed table, every value of the document
-is type-checked before it reaches a constructor, and every array is checked
-against its recorded dtype, shape and digest before it is used.  A truncated,
-corrupted or edited file raises ``CheckpointError`` (a ``ValueError``) that
-says what is wrong.  The digests detect corruption and edits made without
-recomputing them; they are not a signature, so a deliberate forger can write
-a file that loads (with wrong numbers), but no file can make ``load`` run code.
-
-Saving is atomic: the archive is written to a temporary file in the target's
-directory, flushed and ``fsync``-ed, renamed over the target with
-``os.replace``, and the directory is ``fsync``-ed, so a crash at any moment
-leaves either the old file or the new one, never a torn one.
+A checkpoint is a safetensors file written by the ``safetensors`` library: the
+arrays under their names (PyTorch's ``weight`` ... ``num_batches_tracked`` or
+MindSpore's ``gamma`` ... ``moving_variance``, ``<name>.`` before them for a dict
+of layers, a state dict's keys), and in the header metadata ``{"cbn": <JSON>}``
+each layer's flavour, class, hyper-parameters and mode, with a SHA-256 of the
+document and every array.  ``load`` reads the file through one descriptor (so a
+concurrent ``save`` cannot mix two files), lets the library check every byte
+range, and checks every layer's arrays against its class and channel count
+before building it, so no file makes it allocate much more than its own size;
+the classes it can build form a fixed table, nothing is unpickled or evaluated,
+and every bad file raises ``CheckpointError``.  ``save`` writes a temporary
+next to the target, fsyncs, renames and fsyncs the directory.
+See docs/checkpoints.md.
 """
 import contextlib
 import hashlib
 import json
-import math
 import os
 import re
 import secrets
-import zipfile
+import socket
+import stat
+import time
 from collections.abc import Mapping
 
 import numpy as np
 
 from cbn import batchnorm as _torch_layers
 from cbn import mindspore as _mindspore_layers
+from cbn.convert import TORCH_TO_MINDSPORE
 from cbn.sync_batchnorm import SyncBatchNorm
 
 __all__ = ["save", "load", "CheckpointError"]
 
 FORMAT = "cbn-checkpoint"
-VERSION = 1
-META_KEY = "__cbn_checkpoint__"
+VERSION = 2              # 1 was an .npz archive (cbn 0.1)
 
 # The only classes a checkpoint can name: (flavour, class name) -> class.
-# Loading looks names up here and nowhere else.
 CLASSES = {
     ("torch", "BatchNorm1d"): _torch_layers.BatchNorm1d,
     ("torch", "BatchNorm2d"): _torch_layers.BatchNorm2d,
@@ -66,21 +55,24 @@ _PUBLIC_NAME = {"torch": "cbn.{}", "mindspore": "cbn.mindspore.{}"}
 _NUMBER, _INT, _BOOL, _NONE, _STR = (int, float), int, bool, type(None), str
 _TORCH_CONFIG = {"num_features": _INT, "eps": _NUMBER, "momentum": _NUMBER + (_NONE,),
                  "affine": _BOOL, "track_running_stats": _BOOL, "dtype": _STR}
+_MS_CONFIG = {"num_features": _INT, "eps": _NUMBER, "momentum": _NUMBER, "affine": _BOOL,
+              "use_batch_statistics": (_BOOL, _NONE), "dtype": _STR}
 _CONFIG = {
     "torch": _TORCH_CONFIG,
     "torch-sync": dict(_TORCH_CONFIG, timeout=_NUMBER + (_NONE,)),
-    "mindspore": {"num_features": _INT, "eps": _NUMBER, "momentum": _NUMBER, "affine": _BOOL,
-                  "use_batch_statistics": (_BOOL, _NONE), "data_format": _STR, "dtype": _STR},
-    "mindspore-3d": {"num_features": _INT, "eps": _NUMBER, "momentum": _NUMBER,
-                     "affine": _BOOL, "use_batch_statistics": (_BOOL, _NONE), "dtype": _STR},
-    "mindspore-sync": {"num_features": _INT, "eps": _NUMBER, "momentum": _NUMBER,
-                       "affine": _BOOL, "use_batch_statistics": (_BOOL, _NONE), "dtype": _STR,
-                       "timeout": _NUMBER + (_NONE,)},
+    "mindspore": dict(_MS_CONFIG, data_format=_STR),
+    "mindspore-3d": _MS_CONFIG,
+    "mindspore-sync": dict(_MS_CONFIG, timeout=_NUMBER + (_NONE,)),
 }
 _LAYER_DTYPES = ("float32", "float64")
-_ARRAY_KINDS = "biuf"       # bool, integers, floats: nothing else is ever written or read
+# safetensors dtype codes with a NumPy equivalent: nothing else is written or read.
+_DTYPES = {"BOOL": "|b1", "U8": "|u1", "I8": "|i1", "U16": "<u2", "I16": "<i2", "F16": "<f2",
+           "U32": "<u4", "I32": "<i4", "F32": "<f4", "U64": "<u8", "I64": "<i8", "F64": "<f8"}
+_CODE_OF = {np.dtype(numpy_dtype): code for code, numpy_dtype in _DTYPES.items()}
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}\Z")
-_MAX_META_CHARS = 1 << 22   # the JSON document of a checkpoint with very many layers fits
+_MAX_HEADER = 100 << 20      # as the safetensors library: far above any batch-norm model
+_STALE_SECONDS = 3600        # a temporary this old is debris even if its pid was reused
+_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 class CheckpointError(ValueError):
@@ -90,13 +82,14 @@ class CheckpointError(ValueError):
 # --- saving --------------------------------------------------------------------------------
 
 def save(path, obj):
-    """Write ``obj`` to ``path`` (exactly that name) as a cbn checkpoint, atomically.
+    """Write ``obj`` to ``path`` (exactly that name) as a safetensors checkpoint, atomically.
 
     Parameters
     ----------
     path : str or os.PathLike
         The file to write; an existing file is replaced only once the new one
-        is complete and on disk.
+        is complete and on disk.  A symlink is followed (the file it points to
+        is replaced); a directory, FIFO or device raises ``CheckpointError``.
     obj : layer, dict of layers, or state dict
         A ``cbn.BatchNorm1d/2d/3d``, ``cbn.SyncBatchNorm``,
         ``cbn.mindspore.BatchNorm1d/2d/3d`` or ``cbn.mindspore.SyncBatchNorm``
@@ -111,80 +104,71 @@ def save(path, obj):
     ------
     TypeError
         ``obj`` is none of these, a dict mixes layers and arrays, or an array
-        is not of bool, integer or floating dtype.
+        is not of bool, integer or floating dtype of at most 64 bits.
     ValueError
         A name that is not allowed.
     """
-    members, meta = _describe(obj)
-    meta["arrays"] = [{"name": name, "dtype": array.dtype.str, "shape": list(array.shape),
-                       "sha256": _digest(array)} for name, array in members.items()]
-    meta["sha256"] = _meta_digest(meta)
-    document = np.array(json.dumps(meta, sort_keys=True, separators=(",", ":"),
-                                   allow_nan=False))
-
-    def write(file):
-        with zipfile.ZipFile(file, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for name, array in [(META_KEY, document)] + list(members.items()):
-                with zf.open(name + ".npy", "w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, array, allow_pickle=False)
-
-    _write_atomically(path, write)
+    tensors, document = _describe(obj)
+    document["arrays"] = list(tensors)
+    document["sha256"] = _digest(document, tensors)
+    try:
+        from safetensors.numpy import save as serialize
+    except ImportError as exc:  # pragma: no cover - a dependency of cbn
+        raise ImportError("cbn.save needs the safetensors package: pip install safetensors"
+                          ) from exc
+    _write_atomically(path, serialize(tensors, metadata={"cbn": _canonical(document)}))
 
 
 def _describe(obj):
-    """(arrays to write by member name, the JSON document without digests) for ``obj``."""
-    meta = {"format": FORMAT, "version": VERSION}
+    """(arrays to write by tensor name, the JSON document without digest) for ``obj``."""
     if type(obj) in _FLAVOUR_OF:
-        layer_meta, arrays = _layer_record(obj)
-        meta.update(kind="layer", layers=[dict(layer_meta, name=None, arrays=list(arrays))])
-        return arrays, meta
-    if not isinstance(obj, Mapping):
+        kind, layers = "layer", {None: obj}
+    elif not isinstance(obj, Mapping):
         raise TypeError(f"cbn.save expects a cbn batch-norm layer, a dict of them or a state "
                         f"dict of arrays, got {type(obj).__name__}")
-    for key in obj:
-        _check_name(key)
-    layers = {key: value for key, value in obj.items() if type(value) in _FLAVOUR_OF}
-    if layers and len(layers) != len(obj):
-        others = [key for key in obj if key not in layers]
-        raise TypeError(f"cbn.save: a dict must hold only cbn batch-norm layers or only "
-                        f"arrays; {others} are not layers but {list(layers)} are")
-    members = {}
-    if not layers:
-        for key, value in obj.items():
-            members[key] = _array_to_save(key, value)
-        meta.update(kind="state", layers=[])
-        return members, meta
-    records = []
+    else:
+        for key in obj:
+            if not isinstance(key, str) or not _NAME.match(key) or key.startswith("__"):
+                raise ValueError(f"cbn.save: name {key!r} is not allowed: use 1 to 200 letters, "
+                                 f"digits, '_', '.' or '-', not starting with '.', '-' or '__'")
+        layers = {key: value for key, value in obj.items() if type(value) in _FLAVOUR_OF}
+        if layers and len(layers) != len(obj):
+            others = [key for key in obj if key not in layers]
+            raise TypeError(f"cbn.save: a dict must hold only cbn batch-norm layers or only "
+                            f"arrays; {others} are not layers but {list(layers)} are")
+        kind = "layers" if layers else "state"
+    document = {"format": FORMAT, "version": VERSION, "kind": kind, "layers": []}
+    if kind == "state":
+        return {key: _array_to_save(key, value) for key, value in obj.items()}, document
+    tensors = {}
     for name, layer in layers.items():
-        layer_meta, arrays = _layer_record(layer)
-        names = {}
+        record, arrays = _layer_record(layer)
+        record.update(name=name, arrays={})
         for array_name, array in arrays.items():
-            member = f"{name}.{array_name}"
-            if member in members:
+            tensor = array_name if name is None else f"{name}.{array_name}"
+            if tensor in tensors:
                 raise ValueError(f"cbn.save: layer names {name!r} and another both give the "
-                                 f"array name {member!r}")
-            members[member] = array
-            names[array_name] = member
-        records.append(dict(layer_meta, name=name, arrays=names))
-    meta.update(kind="layers", layers=records)
-    return members, meta
+                                 f"array name {tensor!r}")
+            tensors[tensor], record["arrays"][array_name] = array, tensor
+        document["layers"].append(record)
+    return tensors, document
 
 
 def _layer_record(layer):
     """(its JSON record: flavour, class, config, mode; its arrays by their own names)."""
     flavour, class_name = _FLAVOUR_OF[type(layer)]
-    config = {"num_features": layer.num_features, "eps": layer.eps,
+    config = {"num_features": layer.num_features, "eps": layer.eps, "momentum": layer.momentum,
               "affine": layer.affine, "dtype": np.dtype(layer.dtype).name}
     extra = {}
     if flavour == "torch":
-        config.update(momentum=layer.momentum, track_running_stats=layer.track_running_stats)
+        config["track_running_stats"] = layer.track_running_stats
         if isinstance(layer, SyncBatchNorm):
             config["timeout"] = layer.timeout
         arrays = layer.state_dict()
-        if "num_batches_tracked" in arrays:
+        if "num_batches_tracked" in arrays:  # PyTorch's buffer is int64
             arrays["num_batches_tracked"] = np.array(arrays["num_batches_tracked"], np.int64)
     else:
-        config.update(momentum=layer.momentum, use_batch_statistics=layer.use_batch_statistics)
+        config["use_batch_statistics"] = layer.use_batch_statistics
         inner = getattr(layer, "_bn", None)  # the PyTorch-flavoured layer it wraps
         fields = _CONFIG[_config_kind(flavour, class_name)]
         if "data_format" in fields:
@@ -204,51 +188,91 @@ def _layer_record(layer):
         config["momentum"] = float(config["momentum"])
     return ({"flavour": flavour, "class": class_name, "config": config,
              "training": bool(layer.training), "extra": extra},
-            {key: np.asarray(value) for key, value in arrays.items()})
+            {key: _array_to_save(key, value) for key, value in arrays.items()})
 
 
 def _array_to_save(key, value):
+    """``value`` as a C-contiguous little-endian array of a safetensors dtype."""
     try:
         array = np.asarray(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"cbn.save: {key!r} is neither a cbn layer nor an array: {exc}") from exc
-    if array.dtype.kind not in _ARRAY_KINDS:
+    if array.dtype.newbyteorder("<") not in _CODE_OF:  # bool, integers, floats up to 64 bits
         raise TypeError(f"cbn.save: {key!r} has dtype {array.dtype}; a checkpoint holds only "
-                        f"bool, integer and floating-point arrays")
-    return array
+                        f"bool, integer and floating-point arrays of at most 64 bits")
+    return np.asarray(array, dtype=array.dtype.newbyteorder("<"), order="C")  # 0-d stays 0-d
 
 
-def _check_name(name):
-    if not isinstance(name, str) or not _NAME.match(name) or name.startswith("__cbn"):
-        raise ValueError(f"cbn.save: name {name!r} is not allowed: use 1 to 200 letters, digits, "
-                         f"'_', '.' or '-', not starting with '.', '-' or '__cbn'")
+def _canonical(document):
+    return json.dumps(document, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
-def _write_atomically(path, write):
-    """Call ``write(file)`` on a temporary file next to ``path``, sync it, rename it to ``path``."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    while True:
-        temporary = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(8)}.tmp")
-        try:
-            # 0o666 and O_EXCL: the umask applies as for any new file, and no existing
-            # file (or symlink planted under the name) is ever opened.
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL
-                         | getattr(os, "O_BINARY", 0), 0o666)
-            break
-        except FileExistsError:  # pragma: no cover - 64 random bits collided
-            continue
+def _digest(document, arrays):
+    """SHA-256 of the document (without its digest) and of every array, in the document's order."""
+    body = {key: value for key, value in document.items() if key != "sha256"}
+    digest = hashlib.sha256(_canonical(body).encode())
+    for name in document["arrays"]:
+        array = arrays[name]
+        digest.update(json.dumps([name, _CODE_OF[array.dtype], list(array.shape)]).encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def _write_atomically(path, data):
+    """Write ``data`` to a temporary file next to ``path``, sync it, rename it to ``path``."""
+    target = os.path.realpath(os.fspath(path))  # a symlink is followed, as open() does
+    with contextlib.suppress(FileNotFoundError):
+        mode = os.lstat(target).st_mode
+        if stat.S_ISLNK(mode):
+            raise CheckpointError(f"{os.fspath(path)}: a symlink loop")
+        _check_regular(path, mode)
+    directory, name = os.path.split(target)
+    _remove_stale_temporaries(directory, name)
+    temporary = os.path.join(directory, f".{name}.cbn-{_HOST}-{os.getpid()}-"
+                                        f"{secrets.token_hex(8)}.tmp")
+    # 0o666 and O_EXCL: the umask applies as for any new file, and no existing
+    # file (or symlink planted under the name) is ever opened.
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                 0o666)
     try:
         with open(fd, "wb") as file:
-            write(file)
+            file.write(data)
             file.flush()
             os.fsync(file.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary, target)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(temporary)
         raise
     _fsync_directory(directory)
+
+
+def _remove_stale_temporaries(directory, name):
+    """Delete the temporaries of saves to ``name`` whose process died (or that are very old).
+
+    A temporary of a live save (this process, or another one on this host)
+    is kept; one from another host is removed only by age.
+    """
+    pattern = re.compile(re.escape(f".{name}.cbn-") + r"([0-9a-f]{8})-(\d+)-[0-9a-f]{16}\.tmp\Z")
+    with contextlib.suppress(OSError):
+        for entry in os.scandir(directory):
+            match = pattern.match(entry.name)
+            if match is None:
+                continue
+            with contextlib.suppress(OSError):
+                old = time.time() - entry.stat(follow_symlinks=False).st_mtime > _STALE_SECONDS
+                if old or (match[1] == _HOST and os.name != "nt" and not _alive(int(match[2]))):
+                    os.unlink(entry.path)  # (on Windows os.kill(pid, 0) would kill the process)
+
+
+def _alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # EPERM: it exists, and is someone else's
+        pass
+    return True
 
 
 def _fsync_directory(directory):
@@ -263,206 +287,133 @@ def _fsync_directory(directory):
         os.close(fd)
 
 
-def _digest(array):
-    return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()
-
-
-def _meta_digest(meta):
-    body = {key: value for key, value in meta.items() if key != "sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":"),
-                                     allow_nan=False).encode()).hexdigest()
-
-
-# --- loading -------------------------------------------------------------------------------
-
-def load(path, into=None):
-    """Read a checkpoint written by ``cbn.save``.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-    into : layer or dict of layers, optional
-        Load the parameters and statistics into this layer (or these layers,
-        by name) instead of building new ones.  The checkpoint must hold the
-        same class with the same channel count (each name, for a dict); the
-        target's hyper-parameters and mode are kept, as ``load_state_dict`` does.
-
-    Returns
-    -------
-    A new layer (its class, hyper-parameters, parameters, statistics and mode
-    as saved), a dict of new layers, or a dict of arrays, matching what was
-    saved; with ``into``, ``into`` itself.
-
-    Raises
-    ------
-    CheckpointError (a ValueError)
-        The file is not a cbn checkpoint, is truncated, corrupted or edited,
-        was written by a newer format version, or does not fit ``into``.
-    FileNotFoundError
-        There is no such file.
-    """
-    meta, arrays = _read(path)
-    kind = meta["kind"]
-    if into is not None:
-        return _load_into(path, meta, arrays, into)
-    if kind == "state":
-        return arrays
-    layers = {}
-    for record in meta["layers"]:
-        layers[record["name"]] = _build(path, record, arrays)
-    return layers[None] if kind == "layer" else layers
-
+# --- reading the file ----------------------------------------------------------------------
 
 def _fail(path, message):
     raise CheckpointError(f"{os.fspath(path)}: {message}")
 
 
+def _check_regular(path, mode):
+    if not stat.S_ISREG(mode):
+        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
+        _fail(path, f"is {kind}, not a regular file")
+
+
 def _read(path):
-    """(the checked JSON document, the checked arrays by member name) of the file at ``path``."""
-    size = os.path.getsize(path)  # FileNotFoundError as is
-    try:
-        loaded = np.load(path, allow_pickle=False)
-        if not isinstance(loaded, np.lib.npyio.NpzFile):
-            _fail(path, "not a cbn checkpoint (a single .npy array, not an .npz archive)")
-        with loaded as npz:
-            members = _members(path, npz.zip, size)
-            if META_KEY not in members:
-                _fail(path, f"not a cbn checkpoint (no {META_KEY} entry): was it written by "
-                            f"numpy.savez rather than cbn.save?")
-            document = _read_member(path, npz, members[META_KEY], "U", ())
-            if document.dtype.itemsize // 4 > _MAX_META_CHARS:
-                _fail(path, "the checkpoint's JSON document is implausibly large")
-            meta = _parse_meta(path, str(document[()]))
-            declared = {entry["name"]: entry for entry in meta["arrays"]}
-            unknown = sorted(set(members) - set(declared) - {META_KEY})
-            absent = sorted(set(declared) - set(members))
-            if unknown or absent:
-                _fail(path, f"the archive does not match its description: arrays missing "
-                            f"{absent}, unexpected {unknown}")
-            if sum(_nbytes(entry) for entry in declared.values()) > size:
-                _fail(path, "the described arrays are larger than the file: truncated?")
-            arrays = {}
-            for name, entry in declared.items():
-                array = _read_member(path, npz, members[name], np.dtype(entry["dtype"]),
-                                     tuple(entry["shape"]))
-                if _digest(array) != entry["sha256"]:
-                    _fail(path, f"array {name!r} does not match its SHA-256: the file was "
-                                f"corrupted or edited")
-                arrays[name] = array
-            return meta, arrays
-    except (CheckpointError, FileNotFoundError, IsADirectoryError, PermissionError):
-        raise
-    except Exception as exc:  # noqa: BLE001 - zipfile and NumPy raise a dozen kinds on bad bytes
-        _fail(path, f"not a readable cbn checkpoint (truncated or corrupted?): "
-                    f"{type(exc).__name__}: {exc}")
+    """(header metadata or None, arrays by name in file order) of the safetensors file at ``path``.
 
-
-def _members(path, archive, size):
-    """{entry name: ZipInfo} of an archive cbn could have written (stored, .npy, unique)."""
-    members = {}
-    for info in archive.infolist():
-        if not info.filename.endswith(".npy"):
-            _fail(path, f"unexpected entry {info.filename!r} in the archive")
-        name = info.filename[:-4]
-        if name in members:
-            _fail(path, f"entry {info.filename!r} appears twice in the archive")
-        if info.compress_type != zipfile.ZIP_STORED:
-            _fail(path, f"entry {info.filename!r} is compressed; cbn writes uncompressed "
-                        f"archives (and so never inflates an archive bomb)")
-        if info.file_size > size:
-            _fail(path, f"entry {info.filename!r} claims {info.file_size} bytes, more than the "
-                        f"file holds")
-        members[name] = info
-    return members
-
-
-def _read_member(path, npz, info, dtype, shape):
-    """The array of entry ``info``, after its header was checked against ``dtype`` and ``shape``.
-
-    ``dtype`` may be a kind letter ('U'): then only the kind is checked.  The
-    header is read first so that a hostile header cannot make NumPy allocate
-    more than the entry holds.
+    One file descriptor serves every check and read, so a concurrent ``save``
+    (which renames a new file over the path) cannot mix two files; the
+    library then parses the bytes, checking every range against them.
     """
-    name = info.filename[:-4]
-    with npz.zip.open(info) as member:
-        version = np.lib.format.read_magic(member)
-        if version == (1, 0):
-            header = np.lib.format.read_array_header_1_0(member)
-        elif version == (2, 0):
-            header = np.lib.format.read_array_header_2_0(member)
-        else:
-            _fail(path, f"array {name!r} has unsupported .npy version {version}")
-        stored_shape, _, stored_dtype = header
-    kind_only = isinstance(dtype, str)
-    if (stored_dtype.kind != dtype if kind_only else stored_dtype != dtype) \
-            or stored_shape != shape:
-        _fail(path, f"array {name!r} is stored as {stored_dtype} {stored_shape}, but its "
-                    f"description says {dtype} {shape}")
-    if stored_dtype.itemsize * math.prod(shape) > info.file_size:
-        _fail(path, f"array {name!r} is truncated")
-    array = npz[name]
-    if not isinstance(array, np.ndarray):  # pragma: no cover - the header was checked
-        _fail(path, f"entry {name!r} is not a NumPy array")
-    return array
+    _check_regular(path, os.stat(path).st_mode)  # FileNotFoundError, PermissionError as is
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
+    with open(os.open(path, flags), "rb") as file:  # O_NONBLOCK: a FIFO never blocks
+        info = os.fstat(file.fileno())
+        _check_regular(path, info.st_mode)
+        size = info.st_size
+        data = file.read(size)  # the whole file: allocates only its size
+    if len(data) != size:
+        _fail(path, f"shrank from {size} to {len(data)} bytes while being read")
+    if data[:4] == b"PK\x03\x04":
+        _fail(path, "is a zip archive (an .npz checkpoint of cbn 0.1?), not a safetensors "
+                    "file: load it with that cbn version and save it again")
+    length = int.from_bytes(data[:8], "little") if size >= 8 else -1
+    if not 0 < length <= min(size - 8, _MAX_HEADER):
+        _fail(path, f"{size} bytes with a header of {length} bytes: truncated, or not a "
+                    f"safetensors file")
+
+    def unique(pairs):  # the library keeps the last of duplicate keys; cbn refuses the file
+        if len({key for key, _ in pairs}) != len(pairs):
+            raise ValueError(f"duplicate keys in {[key for key, _ in pairs]}"[:200])
+        return dict(pairs)
+    header = _json(path, data[8:8 + length], "safetensors header", object_pairs_hook=unique)
+    from safetensors import deserialize
+    try:
+        tensors = deserialize(data)  # checks the header and every range; copies each tensor
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, and whatever hostile bytes cause
+        _fail(path, f"not a valid safetensors file: {exc}")
+    del data
+    metadata = header.pop("__metadata__", None)
+    offsets = {name: header[name]["data_offsets"] for name, _ in tensors}
+    del header
+    tensors.sort(key=lambda item: offsets[item[0]], reverse=True)
+    arrays = {}
+    while tensors:  # in file order, releasing the library's objects as we go
+        name, view = tensors.pop()
+        if view["dtype"] not in _DTYPES:
+            _fail(path, f"tensor {name!r} has dtype {view['dtype']}; cbn reads "
+                        f"{', '.join(_DTYPES)}")
+        try:
+            array = np.frombuffer(view["data"], _DTYPES[view["dtype"]]).reshape(view["shape"])
+        except (ValueError, OverflowError) as exc:  # an empty tensor with a 2**64 axis
+            _fail(path, f"tensor {name!r} of shape {view['shape']}: {exc}")
+        arrays[name] = array if array.flags.writeable else array.copy()  # bytes: older versions
+    return metadata, arrays
 
 
-def _nbytes(entry):
-    return np.dtype(entry["dtype"]).itemsize * math.prod(entry["shape"])
+def _json(path, raw, what, **hooks):
+    def no_constants(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        return json.loads(text, parse_constant=no_constants, **hooks)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        _fail(path, f"the {what} is not valid JSON: {type(exc).__name__}: {str(exc)[:200]}")
 
+
+def _is_count(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# --- the cbn document ------------------------------------------------------------------------
 
 def _expect(path, condition, what):
     if not condition:
         _fail(path, f"invalid checkpoint description: {what}")
 
 
-def _parse_meta(path, text):
-    """The JSON document, with every field the loader uses type-checked."""
-    def no_constants(name):
-        raise ValueError(f"non-standard JSON constant {name}")
-    try:
-        meta = json.loads(text, parse_constant=no_constants)
-    except ValueError as exc:
-        _fail(path, f"the checkpoint's JSON document is invalid: {exc}")
-    _expect(path, isinstance(meta, dict) and meta.get("format") == FORMAT,
+def _parse_document(path, text, arrays):
+    """The cbn document, every field type-checked against ``arrays`` and its digest."""
+    document = _json(path, text, "cbn metadata")
+    _expect(path, isinstance(document, dict) and document.get("format") == FORMAT,
             f"not a {FORMAT} document")
-    version = meta.get("version")
-    _expect(path, isinstance(version, int) and not isinstance(version, bool), "no version")
+    version = document.get("version")
+    _expect(path, _is_count(version), "no version")
     if version > VERSION:
         _fail(path, f"written by a newer cbn (checkpoint format version {version}; this cbn "
-                    f"reads version {VERSION} and older): upgrade cbn")
-    if meta.get("sha256") != _meta_digest(meta):
-        _fail(path, "the checkpoint's description does not match its SHA-256: the file was "
+                    f"reads version {VERSION}): upgrade cbn")
+    _expect(path, version == VERSION, f"format version {version} is not a safetensors one")
+    _expect(path, document.get("kind") in ("layer", "layers", "state"), "unknown kind")
+    names, layers = document.get("arrays"), document.get("layers")
+    _expect(path, isinstance(names, list) and isinstance(layers, list)
+            and all(isinstance(name, str) for name in names), "no array list")
+    if sorted(names) != sorted(arrays):
+        _fail(path, f"the tensors {sorted(arrays)} do not match the description's "
+                    f"{sorted(set(names))}")
+    try:
+        digest = _digest(document, arrays)
+    except ValueError as exc:  # a number JSON reads as inf (1e999), which it cannot write
+        _fail(path, f"invalid checkpoint description: {exc}")
+    if document.get("sha256") != digest:
+        _fail(path, "the contents do not match the SHA-256 in the metadata: the file was "
                     "corrupted or edited")
-    _expect(path, meta.get("kind") in ("layer", "layers", "state"), "unknown kind")
-    arrays, layers = meta.get("arrays"), meta.get("layers")
-    _expect(path, isinstance(arrays, list) and isinstance(layers, list), "no array list")
-    names = set()
-    for entry in arrays:
-        _expect(path, isinstance(entry, dict) and isinstance(entry.get("name"), str)
-                and _NAME.match(entry["name"]) and entry["name"] not in names,
-                f"bad array entry {entry!r}")
-        names.add(entry["name"])
-        dtype = None
-        if isinstance(entry.get("dtype"), str):
-            with contextlib.suppress(TypeError, ValueError):
-                dtype = np.dtype(entry["dtype"])
-        _expect(path, dtype is not None and dtype.kind in _ARRAY_KINDS,
-                f"bad dtype in {entry!r}")
-        shape = entry.get("shape")
-        _expect(path, isinstance(shape, list) and len(shape) <= 32 and all(
-            isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in shape),
-            f"bad shape in {entry!r}")
-        _expect(path, isinstance(entry.get("sha256"), str), f"no digest in {entry!r}")
-    expected_layers = {"layer": (1, 1), "layers": (1, None), "state": (0, 0)}[meta["kind"]]
-    _expect(path, expected_layers[0] <= len(layers)
-            and (expected_layers[1] is None or len(layers) <= expected_layers[1]),
-            f"{len(layers)} layer records for kind {meta['kind']!r}")
-    seen = set()
+    kind = document["kind"]
+    low, high = {"layer": (1, 1), "layers": (1, None), "state": (0, 0)}[kind]
+    _expect(path, low <= len(layers) and (high is None or len(layers) <= high),
+            f"{len(layers)} layer records for kind {kind!r}")
+    seen, used = set(), []
     for record in layers:
-        _check_layer_record(path, record, names, meta["kind"])
+        _check_layer_record(path, record, arrays, kind)
         _expect(path, record["name"] not in seen, f"layer {record['name']!r} appears twice")
         seen.add(record["name"])
-    return meta
+        used += record["arrays"].values()
+    _expect(path, kind == "state" or sorted(used) == sorted(arrays),
+            "the layers do not use each tensor exactly once")
+    return document
 
 
 def _config_kind(flavour, class_name):
@@ -472,7 +423,12 @@ def _config_kind(flavour, class_name):
                                                                                  "mindspore")
 
 
-def _check_layer_record(path, record, array_names, kind):
+def _check_layer_record(path, record, arrays, kind):
+    """Type-check one layer record; its arrays must be the class's, of its channel count.
+
+    Checking the arrays before the layer is built means a forged
+    ``num_features`` cannot make the constructor allocate more than the file holds.
+    """
     _expect(path, isinstance(record, dict), "a layer record is not an object")
     name = record.get("name")
     _expect(path, name is None if kind == "layer" else isinstance(name, str),
@@ -487,8 +443,9 @@ def _check_layer_record(path, record, array_names, kind):
             f"the hyper-parameters of {_public(*key)} must be {sorted(types)}")
     for field, allowed in types.items():
         value = config[field]
+        allowed = allowed if isinstance(allowed, tuple) else (allowed,)
         _expect(path, isinstance(value, allowed) and not (isinstance(value, bool)
-                                                          and bool not in _as_tuple(allowed)),
+                                                          and bool not in allowed),
                 f"{field}={value!r} is not a {allowed}")
     _expect(path, config["dtype"] in _LAYER_DTYPES, f"layer dtype {config['dtype']!r}")
     _expect(path, isinstance(record.get("training"), bool), "training is not a bool")
@@ -498,47 +455,33 @@ def _check_layer_record(path, record, array_names, kind):
             and _is_count(extra.get("num_batches_tracked", 0))
             and isinstance(extra.get("torch_momentum", 0.0), float)
             and 0.0 <= extra.get("torch_momentum", 0.0) <= 1.0, f"bad extra state {extra!r}")
-    arrays = record.get("arrays")
-    if kind == "layer":
-        _expect(path, isinstance(arrays, list) and all(a in array_names for a in arrays),
-                "the layer's arrays are not in the archive")
-        record["arrays"] = {a: a for a in arrays}
+    own = record.get("arrays")
+    _expect(path, isinstance(own, dict) and all(isinstance(v, str) and v in arrays
+                                                for v in own.values()),
+            f"the arrays of layer {name!r} are not in the file")
+    if key[0] == "torch":
+        expected = (["weight", "bias"] if config["affine"] else []) + (
+            ["running_mean", "running_var", "num_batches_tracked"]
+            if config["track_running_stats"] else [])
     else:
-        _expect(path, isinstance(arrays, dict) and all(
-            isinstance(k, str) and v in array_names for k, v in arrays.items()),
-            f"the arrays of layer {name!r} are not in the archive")
-
-
-def _is_count(value):
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _as_tuple(types):
-    return types if isinstance(types, tuple) else (types,)
-
-
-def _public(flavour, class_name):
-    return _PUBLIC_NAME[flavour].format(class_name)
-
-
-def _layer_arrays(path, record, arrays):
-    """The record's arrays under the layer's own names, checked against its channel count."""
-    config = record["config"]
+        expected = ["gamma", "beta", "moving_mean", "moving_variance"]
+    if sorted(own) != sorted(expected):
+        _fail(path, f"{_describe_layer(record)} must hold the arrays {expected}, the file has "
+                    f"{sorted(own)}")
     c, dtype = config["num_features"], np.dtype(config["dtype"])
-    own = {}
-    for array_name, member in record["arrays"].items():
-        array = arrays[member]
+    for array_name, tensor in own.items():
+        array = arrays[tensor]
         if array_name == "num_batches_tracked":
             if array.shape != () or array.dtype.kind not in "iu":
                 _fail(path, f"num_batches_tracked must be an integer scalar, got {array.dtype} "
                             f"{array.shape}")
-            own[array_name] = array
-            continue
-        if array.shape != (c,) or array.dtype != dtype:
+        elif array.shape != (c,) or array.dtype != dtype:
             _fail(path, f"{_describe_layer(record)}: {array_name} is {array.dtype} "
                         f"{array.shape}, expected {dtype} ({c},)")
-        own[array_name] = array
-    return own
+
+
+def _public(flavour, class_name):
+    return _PUBLIC_NAME[flavour].format(class_name)
 
 
 def _describe_layer(record):
@@ -547,16 +490,71 @@ def _describe_layer(record):
     return f"{name}{layer}({record['config']['num_features']})"
 
 
+# --- loading ---------------------------------------------------------------------------------
+
+def load(path, into=None):
+    """Read a checkpoint written by ``cbn.save``, or any safetensors file of arrays.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    into : layer or dict of layers, optional
+        Load the parameters and statistics into this layer (or these layers,
+        by name) instead of building new ones.  A cbn checkpoint must hold the
+        same class with the same channel count (each name, for a dict); a file
+        of arrays (a state dict, e.g. a torch model's written by
+        ``safetensors.torch.save_file``) must hold exactly the layer's keys
+        (``<name>.<key>`` for a dict; PyTorch's names also load into
+        MindSpore-flavoured layers).  The target's hyper-parameters and mode
+        are kept, as ``load_state_dict`` does.  Every target is checked before
+        any is written: on error none has changed.
+
+    Returns
+    -------
+    A new layer (its class, hyper-parameters, parameters, statistics and mode
+    as saved), a dict of new layers, or a dict of arrays, matching what was
+    saved; with ``into``, ``into`` itself.
+
+    Raises
+    ------
+    CheckpointError (a ValueError)
+        The file is not a cbn checkpoint or safetensors file, is truncated,
+        corrupted or edited, is a directory, FIFO or device, was written by a
+        newer format version, or does not fit ``into``.
+    FileNotFoundError, PermissionError
+        The file cannot be opened.
+    """
+    try:
+        metadata, arrays = _read(path)
+        text = (metadata or {}).get("cbn")
+        if text is None and any(FORMAT in value for value in (metadata or {}).values()):
+            _fail(path, f"holds cbn's description under the key {sorted(metadata)}, not 'cbn': "
+                        f"corrupted or edited")
+        document = {"kind": "state", "layers": [], "arrays": list(arrays)} if text is None \
+            else _parse_document(path, text, arrays)
+    except MemoryError:
+        _fail(path, "not enough memory to hold its arrays")
+    if into is not None:
+        return _load_into(path, document, arrays, into)
+    if document["kind"] == "state":
+        return {name: arrays[name] for name in document["arrays"]}
+    layers = {record["name"]: _build(path, record, arrays) for record in document["layers"]}
+    return layers[None] if document["kind"] == "layer" else layers
+
+
+def _own_arrays(record, arrays):
+    return {array_name: arrays[tensor] for array_name, tensor in record["arrays"].items()}
+
+
 def _build(path, record, arrays):
-    """A new layer as the record describes it."""
+    """A new layer as the (checked) record describes it."""
     cls = CLASSES[(record["flavour"], record["class"])]
-    own = _layer_arrays(path, record, arrays)
     config = dict(record["config"], dtype=np.dtype(record["config"]["dtype"]))
     try:
         layer = cls(**config)
     except (TypeError, ValueError) as exc:
         _fail(path, f"{_describe_layer(record)}: invalid hyper-parameters: {exc}")
-    _set_arrays(path, record, layer, own)
+    _set_arrays(path, layer, _own_arrays(record, arrays), record)
     if record["flavour"] == "torch":
         layer.train(record["training"])
     else:
@@ -564,54 +562,79 @@ def _build(path, record, arrays):
     return layer
 
 
-def _set_arrays(path, record, layer, own):
+def _set_arrays(path, layer, own, record=None):
+    torch_flavour = _FLAVOUR_OF[type(layer)][0] == "torch"
+    what = f"{_describe_layer(record)}: " if record else ""
     try:
-        if record["flavour"] == "torch":
+        if torch_flavour:
             layer.load_state_dict(own, strict=True)
         else:
             layer.load_parameters(own, strict=True)
     except (TypeError, ValueError) as exc:
-        _fail(path, f"{_describe_layer(record)}: {exc}")
+        _fail(path, f"{what}{exc}")
     # The MindSpore-flavoured layer's inner PyTorch-flavoured one (see _layer_record).
     inner = getattr(layer, "_bn", None)
-    for name in ("num_batches_tracked", "torch_momentum"):
+    for name in ("num_batches_tracked", "torch_momentum") if record else ():
         attribute = "momentum" if name == "torch_momentum" else name
         if name in record["extra"] and hasattr(inner, attribute):
             setattr(inner, attribute, record["extra"][name])
 
 
-def _load_into(path, meta, arrays, into):
-    if meta["kind"] == "state":
-        _fail(path, "holds a state dict, not layers: use layer.load_state_dict(cbn.load(path)) "
-                    "or layer.load_parameters(cbn.load(path))")
-    if isinstance(into, Mapping):
-        if meta["kind"] != "layers":
-            _fail(path, "holds one layer, not a dict of layers")
-        records = {record["name"]: record for record in meta["layers"]}
-        if set(records) != set(into):
+def _twin(layer):
+    """A fresh layer that accepts exactly the arrays ``layer`` does (to check before writing)."""
+    if _FLAVOUR_OF[type(layer)][0] == "torch":
+        return type(layer)(layer.num_features, affine=layer.affine,
+                           track_running_stats=layer.track_running_stats, dtype=layer.dtype)
+    return type(layer)(layer.num_features, dtype=layer.dtype)
+
+
+def _load_into(path, document, arrays, into):
+    """Fit every target, try each on a twin, and only then write them all."""
+    plan = []  # (target layer, its arrays, its record or None)
+    targets = into.items() if isinstance(into, Mapping) else [(None, into)]
+    for _, layer in targets:
+        if type(layer) not in _FLAVOUR_OF:
+            raise TypeError(f"cbn.load: into= must be a cbn batch-norm layer or a dict of them, "
+                            f"got {type(layer).__name__}")
+    kind = document["kind"]
+    if kind == "state":
+        groups = {name: {} for name, _ in targets}
+        unexpected = []
+        for key in document["arrays"]:
+            prefix, _, leaf = key.rpartition(".") if isinstance(into, Mapping) else (None, "", key)
+            if prefix in groups:
+                groups[prefix][leaf] = arrays[key]
+            else:
+                unexpected.append(key)
+        if unexpected:
+            _fail(path, f"holds arrays {unexpected} that belong to none of the target layers")
+        for name, layer in targets:
+            own = groups[name]
+            if _FLAVOUR_OF[type(layer)][0] == "mindspore" and own and set(own) <= set(
+                    TORCH_TO_MINDSPORE) | {"num_batches_tracked"}:
+                own = {TORCH_TO_MINDSPORE[k]: v for k, v in own.items() if k in TORCH_TO_MINDSPORE}
+            plan.append((layer, own, None))
+    else:
+        if isinstance(into, Mapping) != (kind == "layers"):
+            _fail(path, "holds one layer, not a dict of layers" if kind == "layer" else
+                  f"holds a dict of layers {[r['name'] for r in document['layers']]}: pass a "
+                  f"dict as into=, or load without into=")
+        records = {record["name"]: record for record in document["layers"]}
+        if set(records) != {name for name, _ in targets}:
             _fail(path, f"holds layers {sorted(records)}, but the target has "
                         f"{sorted(map(str, into))}")
-        for name, layer in into.items():
-            _load_layer_into(path, records[name], arrays, layer)
-        return into
-    if meta["kind"] != "layer":
-        _fail(path, f"holds a dict of layers {[r['name'] for r in meta['layers']]}: pass a "
-                    f"dict as into=, or load without into=")
-    _load_layer_into(path, meta["layers"][0], arrays, into)
+        for name, layer in targets:
+            record = records[name]
+            key, saved = _FLAVOUR_OF[type(layer)], (record["flavour"], record["class"])
+            if key != saved:
+                _fail(path, f"holds a {_public(*saved)}, cannot load it into a {_public(*key)}")
+            c = record["config"]["num_features"]
+            if c != layer.num_features:
+                _fail(path, f"{_describe_layer(record)} has {c} channels, but the target layer "
+                            f"has {layer.num_features}")
+            plan.append((layer, _own_arrays(record, arrays), record))
+    for layer, own, record in plan:
+        _set_arrays(path, _twin(layer), own, record)
+    for layer, own, record in plan:
+        _set_arrays(path, layer, own, record)
     return into
-
-
-def _load_layer_into(path, record, arrays, layer):
-    key = _FLAVOUR_OF.get(type(layer))
-    if key is None:
-        raise TypeError(f"cbn.load: into= must be a cbn batch-norm layer or a dict of them, "
-                        f"got {type(layer).__name__}")
-    saved = (record["flavour"], record["class"])
-    if key != saved:
-        _fail(path, f"holds a {_public(*saved)}, cannot load it into a {_public(*key)}")
-    c = record["config"]["num_features"]
-    if c != layer.num_features:
-        _fail(path, f"{_describe_layer(record)} has {c} channels, but the target layer has "
-                    f"{layer.num_features}")
-    own = _layer_arrays(path, record, arrays)
-    _set_arrays(path, record, layer, own)
