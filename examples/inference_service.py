@@ -281,9 +281,10 @@ class LimitedConnection(H11Protocol):
         if self.cycle is not cycle and not self._answered:  # a new request's head arrived
             self._cancel_timer()
             self._awaiting_head = False
-            started = self._started if self._started is not None else self.loop.time()
+            if self._started is None:  # pipelined: its head came with the previous request
+                self._started = self.loop.time()
             self.cycle.scope.setdefault("extensions", {})["cbn"] = dict(
-                head_facts(self._head), deadline=started + self.limits.request_timeout)
+                head_facts(self._head), deadline=self._started + self.limits.request_timeout)
             self._head.clear()
 
     def on_response_complete(self):
@@ -534,7 +535,7 @@ def main(argv=None):
     listener.bind((HOST, args.port))
     listener.listen(128)  # connections made from now on wait for the server to start
     config = uvicorn.Config(
-        app, http=connection_class(limits), loop="asyncio", lifespan="off",
+        app, http=connection_class(limits), ws="none", loop="asyncio", lifespan="off",
         log_config=None, access_log=args.verbose, backlog=128, server_header=False,
         timeout_keep_alive=args.keep_alive, h11_max_incomplete_event_size=MAX_HEADER_BYTES,
         # in-progress requests finish within their deadline plus their compute

@@ -430,6 +430,33 @@ def test_malformed_http_gets_a_4xx_json_error(guarded, rng, name, data, status, 
     assert_exact(payload, expected)
 
 
+def test_pipelined_requests_are_answered_in_order_and_exactly(guarded, rng):
+    port, layer, log = guarded
+    requests = [valid_request(layer, rng, shape=(n, 3, 2, 2)) for n in (1, 2, 3)]
+    with connect(port) as sock, sock.makefile("rb") as answers:
+        sock.sendall(b"".join(request for request, _ in requests) + requests[0][0][:-10])
+        for _, expected in requests:
+            status, payload = next_answer(answers)
+            assert status == 200
+            assert_exact(payload, expected)
+        time.sleep(0.2)  # the fourth, started in the same write, finishes later
+        sock.sendall(requests[0][0][-10:])
+        status, payload = next_answer(answers)
+    assert status == 200
+    assert_exact(payload, requests[0][1])
+
+
+def next_answer(answers):
+    """(status, JSON payload) of the next answer read from the file ``answers``."""
+    status = int(answers.readline().split()[1])
+    length = None
+    for line in iter(answers.readline, b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+    return status, json.loads(answers.read(length))
+
+
 def test_a_head_over_16_kib_is_refused_however_it_arrives(guarded):
     port, layer, log = guarded
     with connect(port) as sock:  # in pieces: h11's own limit
