@@ -1,15 +1,17 @@
 """Load test for examples/inference_service.py: valid load alongside slow and abusive clients.
 
 usage: python examples/load_test.py [--threads 8] [--requests 400] [--slow-clients 10]
-                                    [--request-timeout 2] [--time-limit 60]
-                                    [--url http://127.0.0.1:PORT --checkpoint bn.npz [--pid PID]]
+           [--request-timeout 2] [--time-limit 60] [--max-connections N] [--max-requests N]
+           [--url http://127.0.0.1:PORT --checkpoint bn.npz [--pid PID]]
 
 Without --url it saves a random inference-mode ``cbn.BatchNorm2d`` to a
 temporary directory, starts the service on 127.0.0.1 (``--port 0``, with
---request-timeout), and stops it at the end; with --url it tests a running
-service, whose checkpoint it must be given (and --max-connections and
---request-timeout if they are not the service's defaults).  Only loopback
-URLs are accepted: every client here talks to 127.0.0.1 and nowhere else.
+--request-timeout and caps with room for every client of the test), and stops
+it at the end; with --url it tests a running service, whose checkpoint it must
+be given (and --request-timeout, --max-connections, --max-requests and
+--max-bytes where they are not the service's defaults: it refuses to run when
+those caps leave no room for its own clients).  Only loopback URLs are
+accepted: every client here talks to the loopback interface and nowhere else.
 
 Valid load: --threads client threads, each on one HTTP/1.1 connection, send
 --requests requests in all; every answer is checked against a direct call of
