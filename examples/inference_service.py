@@ -1,6 +1,6 @@
 """An HTTP JSON service that batch-normalises features with a layer saved by ``cbn.save``.
 
-usage: python examples/inference_service.py --checkpoint bn.npz [--port 0]
+usage: python examples/inference_service.py --checkpoint bn.ckpt [--port 0]
            [--max-bytes 4194304] [--max-connections 64] [--max-requests 16]
            [--workers 2] [--request-timeout 10] [--keep-alive 5] [--kernel-threads 1]
 

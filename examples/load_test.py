@@ -2,7 +2,7 @@
 
 usage: python examples/load_test.py [--threads 8] [--requests 400] [--slow-clients 10]
            [--request-timeout 2] [--time-limit 60] [--max-connections N] [--max-requests N]
-           [--url http://127.0.0.1:PORT --checkpoint bn.npz [--pid PID]]
+           [--url http://127.0.0.1:PORT --checkpoint bn.ckpt [--pid PID]]
 
 Without --url it saves a random inference-mode ``cbn.BatchNorm2d`` to a
 temporary directory, starts the service on 127.0.0.1 (``--port 0``, with
@@ -455,7 +455,7 @@ def random_checkpoint(directory, channels=16, seed=1):
     layer.bias[...] = rng.uniform(-1, 1, channels)
     layer.running_mean[...] = rng.uniform(-1, 1, channels)
     layer.running_var[...] = rng.uniform(0.5, 2.0, channels)
-    path = os.path.join(directory, "bn.npz")
+    path = os.path.join(directory, "bn.ckpt")
     cbn.save(path, layer.eval())
     return path
 

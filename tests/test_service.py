@@ -105,8 +105,8 @@ def stop(process):
 def service(tmp_path):
     """(port, the layer it serves, in eval mode): a BatchNorm2d saved in training mode."""
     layer = random_layer(cbn.BatchNorm2d(3), seed=1)
-    cbn.save(tmp_path / "bn.npz", layer)
-    process, port = start(tmp_path / "bn.npz", "--max-bytes", str(MAX_BYTES),
+    cbn.save(tmp_path / "bn.ckpt", layer)
+    process, port = start(tmp_path / "bn.ckpt", "--max-bytes", str(MAX_BYTES),
                           "--kernel-threads", "2")
     yield port, layer.eval()
     assert process.poll() is None, "the service died"
@@ -211,9 +211,9 @@ def test_one_connection_carries_many_requests(service, rng):
     ({"a": cbn.BatchNorm2d(3)}, "not a single cbn layer"),
 ])
 def test_the_service_refuses_a_checkpoint_it_cannot_serve(obj, message, tmp_path, capsys):
-    cbn.save(tmp_path / "bn.npz", obj)
+    cbn.save(tmp_path / "bn.ckpt", obj)
     with pytest.raises(SystemExit) as exit_status:
-        example(SERVICE).main(["--checkpoint", str(tmp_path / "bn.npz")])
+        example(SERVICE).main(["--checkpoint", str(tmp_path / "bn.ckpt")])
     assert exit_status.value.code == 2
     assert message in capsys.readouterr().err
 
@@ -249,11 +249,11 @@ def test_the_load_test_with_its_defaults():
 def test_the_load_test_against_a_running_mindspore_nhwc_service(tmp_path):
     # Saved while training: the service must still use the moving statistics.
     layer = random_layer(ms.BatchNorm2d(5, data_format="NHWC"), seed=2).set_train()
-    cbn.save(tmp_path / "ms.npz", layer)
-    process, port = start(tmp_path / "ms.npz", "--request-timeout", "1")
+    cbn.save(tmp_path / "ms.ckpt", layer)
+    process, port = start(tmp_path / "ms.ckpt", "--request-timeout", "1")
     try:
         result = run_load_test("--url", f"http://127.0.0.1:{port}", "--checkpoint",
-                               str(tmp_path / "ms.npz"), "--threads", "3", "--requests", "60",
+                               str(tmp_path / "ms.ckpt"), "--threads", "3", "--requests", "60",
                                "--slow-clients", "1", "--request-timeout", "1",
                                "--pid", str(process.pid))
     finally:
@@ -267,12 +267,12 @@ def test_the_load_test_fails_on_wrong_answers(tmp_path):
     served = random_layer(cbn.BatchNorm2d(4), seed=3)
     expected = random_layer(cbn.BatchNorm2d(4), seed=3)
     expected.running_var *= np.float32(1.0001)  # the client expects slightly different statistics
-    cbn.save(tmp_path / "served.npz", served.eval())
-    cbn.save(tmp_path / "expected.npz", expected.eval())
-    process, port = start(tmp_path / "served.npz")
+    cbn.save(tmp_path / "served.ckpt", served.eval())
+    cbn.save(tmp_path / "expected.ckpt", expected.eval())
+    process, port = start(tmp_path / "served.ckpt")
     try:
         result = run_load_test("--url", f"http://127.0.0.1:{port}", "--checkpoint",
-                               str(tmp_path / "expected.npz"), "--threads", "2",
+                               str(tmp_path / "expected.ckpt"), "--threads", "2",
                                "--requests", "20", "--slow-clients", "0")
     finally:
         stop(process)
@@ -304,9 +304,9 @@ def test_the_load_test_checks_status_shape_dtype_and_every_bit():
 def test_the_load_test_only_talks_to_loopback(url, tmp_path, capsys, monkeypatch):
     load_test = example(LOAD_TEST)
     monkeypatch.setattr(load_test, "run_load", lambda *args: pytest.fail("it sent requests"))
-    cbn.save(tmp_path / "bn.npz", cbn.BatchNorm2d(3).eval())
+    cbn.save(tmp_path / "bn.ckpt", cbn.BatchNorm2d(3).eval())
     with pytest.raises(SystemExit) as exit_status:
-        load_test.main(["--url", url, "--checkpoint", str(tmp_path / "bn.npz")])
+        load_test.main(["--url", url, "--checkpoint", str(tmp_path / "bn.ckpt")])
     assert exit_status.value.code == 2
     assert "loopback only" in capsys.readouterr().err
 
@@ -320,9 +320,9 @@ def guarded(tmp_path_factory):
     require_examples_extra()
     directory = tmp_path_factory.mktemp("guarded")
     layer = random_layer(cbn.BatchNorm2d(3), seed=4).eval()
-    cbn.save(directory / "bn.npz", layer)
+    cbn.save(directory / "bn.ckpt", layer)
     log = directory / "service.log"
-    process, port = start(directory / "bn.npz", "--max-bytes", str(MAX_BYTES),
+    process, port = start(directory / "bn.ckpt", "--max-bytes", str(MAX_BYTES),
                           "--request-timeout", str(TIMEOUT), "--max-connections", "6",
                           "--max-requests", "3", "--keep-alive", "30", log=log)
     yield port, layer, log
@@ -602,8 +602,8 @@ def test_it_listens_on_loopback_only(guarded):
 
 def test_sigterm_stops_it_promptly_even_with_a_stalled_client(tmp_path, rng):
     layer = random_layer(cbn.BatchNorm2d(3), seed=5).eval()
-    cbn.save(tmp_path / "bn.npz", layer)
-    process, port = start(tmp_path / "bn.npz", "--request-timeout", "2")
+    cbn.save(tmp_path / "bn.ckpt", layer)
+    process, port = start(tmp_path / "bn.ckpt", "--request-timeout", "2")
     request, _ = valid_request(layer, rng)
     with connect(port) as stalled:
         stalled.sendall(request[:-5])
@@ -617,9 +617,9 @@ def test_sigterm_stops_it_promptly_even_with_a_stalled_client(tmp_path, rng):
 def test_memory_is_bounded_by_the_caps(tmp_path, rng):
     # 24 clients at once send ~0.65 MB requests; at most 4 are held, 1 is parsed at once.
     layer = random_layer(cbn.BatchNorm2d(8), seed=6).eval()
-    cbn.save(tmp_path / "bn.npz", layer)
+    cbn.save(tmp_path / "bn.ckpt", layer)
     max_bytes = 1 << 20
-    process, port = start(tmp_path / "bn.npz", "--max-bytes", str(max_bytes),
+    process, port = start(tmp_path / "bn.ckpt", "--max-bytes", str(max_bytes),
                           "--max-requests", "4", "--workers", "1", "--request-timeout", "20")
     try:
         x = rng.standard_normal((4, 8, 32, 32)).astype(np.float32)
