@@ -14,19 +14,15 @@ and every bad file raises ``CheckpointError``.  ``save`` writes a temporary
 next to the target, fsyncs, renames and fsyncs the directory.
 See docs/checkpoints.md.
 """
-import contextlib
 import hashlib
 import json
 import os
 import re
-import secrets
-import socket
-import stat
-import time
 from collections.abc import Mapping
 
 import numpy as np
 
+from cbn import _files
 from cbn import batchnorm as _torch_layers
 from cbn import mindspore as _mindspore_layers
 from cbn.convert import TORCH_TO_MINDSPORE
@@ -71,8 +67,6 @@ _DTYPES = {"BOOL": "|b1", "U8": "|u1", "I8": "|i1", "U16": "<u2", "I16": "<i2", 
 _CODE_OF = {np.dtype(numpy_dtype): code for code, numpy_dtype in _DTYPES.items()}
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.\-]{0,199}\Z")
 _MAX_HEADER = 100 << 20      # as the safetensors library: far above any batch-norm model
-_STALE_SECONDS = 3600        # a temporary this old is debris even if its pid was reused
-_HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 class CheckpointError(ValueError):
@@ -116,7 +110,10 @@ def save(path, obj):
     except ImportError as exc:  # pragma: no cover - a dependency of cbn
         raise ImportError("cbn.save needs the safetensors package: pip install safetensors"
                           ) from exc
-    _write_atomically(path, serialize(tensors, metadata={"cbn": _canonical(document)}))
+    try:
+        _files.write_atomically(path, serialize(tensors, metadata={"cbn": _canonical(document)}))
+    except _files.FileProblem as exc:
+        _fail(path, exc)
 
 
 def _describe(obj):
@@ -218,86 +215,10 @@ def _digest(document, arrays):
     return digest.hexdigest()
 
 
-def _write_atomically(path, data):
-    """Write ``data`` to a temporary file next to ``path``, sync it, rename it to ``path``."""
-    target = os.path.realpath(os.fspath(path))  # a symlink is followed, as open() does
-    with contextlib.suppress(FileNotFoundError):
-        mode = os.lstat(target).st_mode
-        if stat.S_ISLNK(mode):
-            raise CheckpointError(f"{os.fspath(path)}: a symlink loop")
-        _check_regular(path, mode)
-    directory, name = os.path.split(target)
-    _remove_stale_temporaries(directory, name)
-    temporary = os.path.join(directory, f".{name}.cbn-{_HOST}-{os.getpid()}-"
-                                        f"{secrets.token_hex(8)}.tmp")
-    # 0o666 and O_EXCL: the umask applies as for any new file, and no existing
-    # file (or symlink planted under the name) is ever opened.
-    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                 0o666)
-    try:
-        with open(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, target)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-    _fsync_directory(directory)
-
-
-def _remove_stale_temporaries(directory, name):
-    """Delete the temporaries of saves to ``name`` whose process died (or that are very old).
-
-    A temporary of a live save (this process, or another one on this host)
-    is kept; one from another host is removed only by age.
-    """
-    pattern = re.compile(re.escape(f".{name}.cbn-") + r"([0-9a-f]{8})-(\d+)-[0-9a-f]{16}\.tmp\Z")
-    with contextlib.suppress(OSError):
-        for entry in os.scandir(directory):
-            match = pattern.match(entry.name)
-            if match is None:
-                continue
-            with contextlib.suppress(OSError):
-                old = time.time() - entry.stat(follow_symlinks=False).st_mtime > _STALE_SECONDS
-                if old or (match[1] == _HOST and os.name != "nt" and not _alive(int(match[2]))):
-                    os.unlink(entry.path)  # (on Windows os.kill(pid, 0) would kill the process)
-
-
-def _alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # EPERM: it exists, and is someone else's
-        pass
-    return True
-
-
-def _fsync_directory(directory):
-    """Make the rename durable; platforms that cannot open a directory (Windows) skip it."""
-    try:
-        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:  # pragma: no cover - Windows
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- reading the file ----------------------------------------------------------------------
 
 def _fail(path, message):
     raise CheckpointError(f"{os.fspath(path)}: {message}")
-
-
-def _check_regular(path, mode):
-    if not stat.S_ISREG(mode):
-        kind = ("a directory" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
-                else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket")
-        _fail(path, f"is {kind}, not a regular file")
 
 
 def _read(path):
@@ -307,15 +228,11 @@ def _read(path):
     (which renames a new file over the path) cannot mix two files; the
     library then parses the bytes, checking every range against them.
     """
-    _check_regular(path, os.stat(path).st_mode)  # FileNotFoundError, PermissionError as is
-    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)
-    with open(os.open(path, flags), "rb") as file:  # O_NONBLOCK: a FIFO never blocks
-        info = os.fstat(file.fileno())
-        _check_regular(path, info.st_mode)
-        size = info.st_size
-        data = file.read(size)  # the whole file: allocates only its size
-    if len(data) != size:
-        _fail(path, f"shrank from {size} to {len(data)} bytes while being read")
+    try:
+        data = _files.read_regular(path)
+    except _files.FileProblem as exc:
+        _fail(path, exc)
+    size = len(data)
     if data[:4] == b"PK\x03\x04":
         _fail(path, "is a zip archive (an .npz checkpoint of cbn 0.1?), not a safetensors "
                     "file: load it with that cbn version and save it again")

@@ -18,7 +18,7 @@ import safetensors.numpy
 
 import cbn
 import cbn.mindspore as ms
-from cbn import checkpoint
+from cbn import _files, checkpoint
 from cbn.checkpoint import CheckpointError
 
 REPO = Path(cbn.__file__).resolve().parent.parent
@@ -733,7 +733,7 @@ def test_temporaries_of_live_saves_are_kept(tmp_path):
     try:
         dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True, timeout=60).stdout.strip()
-        host, other = checkpoint._HOST, "0" * 8 if checkpoint._HOST != "0" * 8 else "1" * 8
+        host, other = _files._HOST, "0" * 8 if _files._HOST != "0" * 8 else "1" * 8
         names = {f".bn.st.cbn-{host}-{os.getpid()}-{'a' * 16}.tmp": True,
                  f".bn.st.cbn-{host}-{sleeper.pid}-{'b' * 16}.tmp": True,
                  f".bn.st.cbn-{host}-{dead}-{'c' * 16}.tmp": False,
