@@ -323,38 +323,54 @@ class _BatchNorm:
 
         Called by ``_forward`` before any state changes, and by
         ``SyncBatchNorm.forward`` inside its collective error handling, so a
-        bad attribute on one rank raises on every rank.
+        bad attribute on one rank raises on every rank.  The fast checks are
+        conservative; anything they doubt goes to ``_check_array``.
         """
-        c = self.num_features
         eps = self.eps
         if type(eps) is not float or not 0.0 < eps < math.inf:
-            F.check_eps(eps, "eps")
-        for key in ("weight", "bias"):
-            value = getattr(self, key)
-            if value is not None and (type(value) is not np.ndarray or value.shape != (c,)
-                                      or value.dtype.kind != "f"):
-                self._bad_array(key, value, False)
+            F.check_eps(eps, f"{type(self).__name__}.eps")
+        shape = (self.num_features,)
+        value = self.weight
+        if value is not None and (type(value) is not np.ndarray or value.shape != shape
+                                  or value.dtype not in _PARAMETER_DTYPES):
+            self._check_array("weight", value, False)
+        value = self.bias
+        if value is not None and (type(value) is not np.ndarray or value.shape != shape
+                                  or value.dtype not in _PARAMETER_DTYPES):
+            self._check_array("bias", value, False)
         if not self.track_running_stats:
             return
         update = self.training
-        for key in ("running_mean", "running_var"):
-            value = getattr(self, key)
-            if (type(value) is not np.ndarray or value.shape != (c,) or value.dtype.kind != "f"
-                    or (update and not value.flags.writeable)):
-                self._bad_array(key, value, update)
+        value = self.running_mean
+        if (type(value) is not np.ndarray or value.shape != shape
+                or value.dtype not in _PARAMETER_DTYPES or (update and not value.flags.writeable)):
+            self._check_array("running_mean", value, update)
+        value = self.running_var
+        if (type(value) is not np.ndarray or value.shape != shape
+                or value.dtype not in _PARAMETER_DTYPES or (update and not value.flags.writeable)):
+            self._check_array("running_var", value, update)
         if update:
             momentum = self.momentum
             if momentum is not None and (type(momentum) is not float
                                          or not 0.0 <= momentum <= 1.0):
-                F.check_momentum(momentum, "momentum")
+                F.check_momentum(momentum, f"{type(self).__name__}.momentum")
             count = self.num_batches_tracked
-            if type(count) is not int:
+            if type(count) is not int or count < 0:
                 if isinstance(count, bool) or not isinstance(count, numbers.Integral):
                     raise TypeError(f"{type(self).__name__}.num_batches_tracked must be an "
                                     f"int, got {type(count).__name__} {count!r}")
-            if count < 0:
-                raise ValueError(f"{type(self).__name__}.num_batches_tracked must be >= 0, "
-                                 f"got {count}")
+                if count < 0:
+                    raise ValueError(f"{type(self).__name__}.num_batches_tracked must be >= 0, "
+                                     f"got {count}")
+
+    def _check_array(self, key, value, written):
+        """Raise naming ``key`` unless ``value`` is a usable (C,) float array (written: writable)."""
+        if value is None and key in ("weight", "bias"):
+            return
+        if (isinstance(value, np.ndarray) and value.shape == (self.num_features,)
+                and value.dtype.kind == "f" and (value.flags.writeable or not written)):
+            return  # a subclass or a non-native byte order: fine
+        self._bad_array(key, value, written)
 
     def _bad_array(self, key, value, written):
         name = f"{type(self).__name__}.{key}"

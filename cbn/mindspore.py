@@ -26,10 +26,11 @@ an empty batch returns an empty output and leaves the moving statistics alone
 MindSpore supports it only on GPU.
 """
 import numbers
+from typing import Any, Dict, List, Mapping, Tuple
 
 import numpy as np
 
-from cbn import batchnorm as _torch_layers, comm as _comm
+from cbn import batchnorm as _torch_layers, comm as _comm, functional as _functional
 from cbn.convert import momentum_mindspore_to_torch, momentum_torch_to_mindspore
 from cbn.sync_batchnorm import SyncBatchNorm as _TorchSyncBatchNorm
 
@@ -53,7 +54,11 @@ _FORMATS = ("NCHW", "NHWC")
 
 def _real_vector(name, value, num_features):
     """``value`` as an array of shape (num_features,) of real numbers, or ValueError."""
-    array = np.asarray(value)
+    try:
+        array = np.asarray(_functional.to_numpy(value, name))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{name} must be an array of {num_features} real numbers, got "
+                         f"{type(value).__name__} ({exc})") from None
     if array.shape != (num_features,):
         raise ValueError(f"{name} must have shape ({num_features},), got shape {array.shape}")
     if array.dtype.kind not in "fiu":
@@ -118,8 +123,11 @@ class _BatchNorm:
         even when not training.  False: always moving statistics, never updated.
     data_format : {'NCHW', 'NHWC'}
         'NHWC': channels come last in the input and output.
-    dtype : numpy dtype, default float32
-        dtype of the parameters (float32 or float64).
+    dtype : dtype, default float32
+        dtype of the parameters, as MindSpore's ``dtype=mstype.float32``:
+        float16 or float32 (float64 too), given as a NumPy dtype, its name, or
+        ``mindspore.float16``/``mindspore.float32``.  Inputs of any floating
+        dtype are accepted; float16 is computed in float32.
 
     Attributes
     ----------
@@ -223,23 +231,70 @@ class _BatchNorm:
     moving_variance = property(lambda self: self._array("moving_variance"),
                                lambda self, value: self._set_array("moving_variance", value))
 
-    def parameters_dict(self):
-        """Copies of the parameters under MindSpore's names (MindSpore's order)."""
-        return {name: self._array(name).copy() for name in _NAMES}
+    #: Prefix of the parameter names in MindSpore's checkpoints ("bn2d." for BatchNorm3d,
+    #: which wraps a BatchNorm2d named bn2d).
+    _param_prefix = ""
 
-    def load_parameters(self, params, strict=True):
-        """Load MindSpore-named arrays; returns the (missing, unexpected) key lists.
+    def parameters_dict(self) -> Dict[str, np.ndarray]:
+        """Copies of the parameters under MindSpore's names (MindSpore's order).
 
-        With ``strict``, a missing or unexpected key raises ``ValueError``
-        naming it; a wrong shape always does.  Nothing is loaded on error.
+        Returns
+        -------
+        dict
+            ``moving_mean``, ``moving_variance``, ``gamma``, ``beta`` -- for
+            ``BatchNorm3d`` ``bn2d.moving_mean``, ... as in MindSpore's checkpoints.
         """
-        missing = [name for name in _NAMES if name not in params]
-        unexpected = [key for key in params if key not in _NAMES]
+        prefix = self._param_prefix
+        return {prefix + name: self._array(name).copy() for name in _NAMES}
+
+    def load_parameters(self, params: Mapping[str, Any],
+                        strict: bool = True) -> Tuple[List[str], List[str]]:
+        """Load MindSpore-named arrays (a ``parameters_dict()`` or a checkpoint's).
+
+        ``BatchNorm3d`` takes MindSpore's real names (``bn2d.gamma``, ...) or
+        the short ones (``gamma``, ...).  Every value is checked (real numbers,
+        shape (C,)) before any is assigned: nothing is loaded on error.
+
+        Parameters
+        ----------
+        params : mapping
+            Name -> array (or CPU tensor).
+        strict : bool, default True
+            A missing or unexpected key raises ``ValueError`` naming it.
+
+        Returns
+        -------
+        (missing, unexpected) : lists of keys
+
+        Raises
+        ------
+        TypeError
+            ``params`` is not a mapping.
+        ValueError
+            Missing/unexpected keys (strict), a key given twice (long and
+            short name), a wrong shape or a non-real dtype.
+        """
+        layer = type(self).__name__
+        if not isinstance(params, Mapping):
+            raise TypeError(f"load_parameters for {layer}: params must be a mapping (a dict), "
+                            f"got {type(params).__name__}")
+        prefix = self._param_prefix
+        keys = {}  # MindSpore name -> key of params holding it
+        for name in _NAMES:
+            given = [key for key in dict.fromkeys((prefix + name, name)) if key in params]
+            if len(given) > 1:
+                raise ValueError(f"load_parameters for {layer}: {given[0]!r} and {given[1]!r} "
+                                 f"both given (the same parameter)")
+            if given:
+                keys[name] = given[0]
+        missing = [prefix + name for name in _NAMES if name not in keys]
+        used = set(keys.values())
+        unexpected = [key for key in params if key not in used]
         if strict and (missing or unexpected):
-            raise ValueError(f"load_parameters for {type(self).__name__}: missing keys "
+            raise ValueError(f"load_parameters for {layer}: missing keys "
                              f"{missing}, unexpected keys {unexpected}")
-        values = {name: _real_vector(name, params[name], self.num_features)
-                  for name in _NAMES if name in params}
+        values = {name: _real_vector(key, params[key], self.num_features)
+                  for name, key in keys.items()}
         for name, value in values.items():
             self._array(name)[...] = value
         return missing, unexpected
@@ -389,8 +444,14 @@ class BatchNorm3d(_LocalBatchNorm):
 
     See ``cbn.mindspore._BatchNorm`` for the parameters; in a training step
     ``moving = momentum * moving + (1 - momentum) * batch``.
+
+    MindSpore's BatchNorm3d wraps a BatchNorm2d named ``bn2d``, so its
+    checkpoints name the parameters ``bn2d.gamma``, ``bn2d.beta``,
+    ``bn2d.moving_mean``, ``bn2d.moving_variance``: ``parameters_dict()``
+    returns those names and ``load_parameters`` takes them (or the short ones).
     """
     _torch_class = _torch_layers.BatchNorm3d
+    _param_prefix = "bn2d."
 
     def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True,
                  gamma_init="ones", beta_init="zeros", moving_mean_init="zeros",
