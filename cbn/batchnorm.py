@@ -92,6 +92,17 @@ def _state_value(layer_name, key, value, num_features):
     return array
 
 
+def _as_input_array(x, name="input"):
+    """A non-ndarray input as an array: a CPU tensor through a view, else ``numpy.asarray``."""
+    if F.is_tensor(x):
+        return F.to_numpy(x, name)
+    try:
+        return np.asarray(x)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be an array of floating-point numbers, got "
+                        f"{type(x).__name__} ({exc})") from None
+
+
 class _EvalCoefficients:
     """Eval-mode constants of a layer: y = x * scale + shift; mean and invstd for backward."""
 
@@ -390,8 +401,8 @@ class _BatchNorm:
     # --- computation -----------------------------------------------------
 
     def _batch(self, x):
-        if type(x) is not np.ndarray and F.is_tensor(x):
-            x = F.to_numpy(x, "input")
+        if type(x) is not np.ndarray:
+            x = _as_input_array(x)
         return _layout.as_batch(x, self.num_features, self._ndims, self._shapes)
 
     def _factor(self):
@@ -568,8 +579,8 @@ class _BatchNorm:
             raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
         if saved is _OVERWRITTEN:
             raise self._overwritten_error()
-        if type(grad_output) is not np.ndarray and F.is_tensor(grad_output):
-            grad_output = F.to_numpy(grad_output, "grad_output")
+        if type(grad_output) is not np.ndarray:
+            grad_output = _as_input_array(grad_output, "grad_output")
         dx, grad_weight, grad_bias = F.backward(saved, grad_output, self._reduce_grad_sums(),
                                                 out)
         if self.affine:
