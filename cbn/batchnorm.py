@@ -579,8 +579,8 @@ class _BatchNorm:
             raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
         if saved is _OVERWRITTEN:
             raise self._overwritten_error()
-        if type(grad_output) is not np.ndarray:
-            grad_output = _as_input_array(grad_output, "grad_output")
+        if type(grad_output) is not np.ndarray and not isinstance(grad_output, _layout.Batch):
+            grad_output = _as_input_array(grad_output, "grad_output")  # (SyncBatchNorm: a Batch)
         dx, grad_weight, grad_bias = F.backward(saved, grad_output, self._reduce_grad_sums(),
                                                 out)
         if self.affine:
