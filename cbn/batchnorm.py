@@ -228,6 +228,8 @@ class _BatchNorm:
         -------
         self
         """
+        if not isinstance(mode, (bool, np.bool_)):
+            raise ValueError(f"training mode is expected to be boolean, got {mode!r}")  # torch's
         self.training = bool(mode)
         return self
 
@@ -611,19 +613,32 @@ class _BatchNorm:
                 f"track_running_stats={self.track_running_stats}{no_bias})")
 
 
+def _layer_doc(shapes, torch_name, example_shape):
+    """A subclass's docstring: its shapes, then the base's (so ``help()`` shows it all)."""
+    body = _BatchNorm.__doc__.split("\n", 1)[1]
+    c = example_shape[1]
+    return (f"Batch norm over {shapes} input, as ``{torch_name}``.\n{body}\n"
+            f"    Examples\n    --------\n"
+            f"    >>> layer = cbn.{torch_name.rpartition('.')[2]}({c})\n"
+            f"    >>> x = np.random.rand{example_shape}.astype(np.float32)\n"
+            f"    >>> y = layer(x)                   # training: batch statistics, running ones updated\n"
+            f"    >>> dx = layer.backward(np.ones_like(y))   # sets grad_weight, grad_bias\n"
+            f"    >>> y = layer.eval()(x)            # running statistics\n")
+
+
 class BatchNorm1d(_BatchNorm):
-    """Batch norm over (N, C) or (N, C, L) input, as ``torch.nn.BatchNorm1d``."""
+    __doc__ = _layer_doc("(N, C) or (N, C, L)", "torch.nn.BatchNorm1d", (8, 4, 16))
     _ndims = (2, 3)
     _shapes = "2D (N, C) or 3D (N, C, L)"
 
 
 class BatchNorm2d(_BatchNorm):
-    """Batch norm over (N, C, H, W) input, as ``torch.nn.BatchNorm2d``."""
+    __doc__ = _layer_doc("(N, C, H, W)", "torch.nn.BatchNorm2d", (8, 4, 5, 5))
     _ndims = (4,)
     _shapes = "4D (N, C, H, W)"
 
 
 class BatchNorm3d(_BatchNorm):
-    """Batch norm over (N, C, D, H, W) input, as ``torch.nn.BatchNorm3d``."""
+    __doc__ = _layer_doc("(N, C, D, H, W)", "torch.nn.BatchNorm3d", (8, 4, 3, 5, 5))
     _ndims = (5,)
     _shapes = "5D (N, C, D, H, W)"

@@ -26,7 +26,7 @@ an empty batch returns an empty output and leaves the moving statistics alone
 MindSpore supports it only on GPU.
 """
 import numbers
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
@@ -173,19 +173,23 @@ class _BatchNorm:
     # --- hyper-parameters, converted at the boundary -----------------------
 
     @property
-    def num_features(self):
+    def num_features(self) -> int:
+        """C, the number of channels."""
         return self._bn.num_features
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype:
+        """The parameters' dtype."""
         return self._bn.dtype
 
     @property
-    def data_format(self):
+    def data_format(self) -> str:
+        """'NCHW' or 'NHWC'."""
         return self._data_format
 
     @property
-    def eps(self):
+    def eps(self) -> float:
+        """Added to the variance, in (0, 1]; checked when assigned (ValueError)."""
         return self._bn.eps
 
     @eps.setter
@@ -193,7 +197,8 @@ class _BatchNorm:
         self._bn.eps = _check_eps(value)
 
     @property
-    def momentum(self):
+    def momentum(self) -> float:
+        """MindSpore's momentum in [0, 1] (the old statistics' weight); checked when assigned."""
         return self._momentum
 
     @momentum.setter
@@ -202,7 +207,8 @@ class _BatchNorm:
         self._momentum = float(value)
 
     @property
-    def use_batch_statistics(self):
+    def use_batch_statistics(self) -> Optional[bool]:
+        """None, True or False (see the class docstring); checked when assigned."""
         return self._use_batch_statistics
 
     @use_batch_statistics.setter
@@ -223,13 +229,18 @@ class _BatchNorm:
         self._array(name)[...] = _real_vector(name, value, self.num_features)
 
     gamma = property(lambda self: self._array("gamma"),
-                     lambda self, value: self._set_array("gamma", value))
+                     lambda self, value: self._set_array("gamma", value),
+                     doc="The live (C,) scale array; assigning copies checked values into it.")
     beta = property(lambda self: self._array("beta"),
-                    lambda self, value: self._set_array("beta", value))
+                    lambda self, value: self._set_array("beta", value),
+                    doc="The live (C,) shift array; assigning copies checked values into it.")
     moving_mean = property(lambda self: self._array("moving_mean"),
-                           lambda self, value: self._set_array("moving_mean", value))
+                           lambda self, value: self._set_array("moving_mean", value),
+                           doc="The live (C,) moving mean; assigning copies checked values.")
     moving_variance = property(lambda self: self._array("moving_variance"),
-                               lambda self, value: self._set_array("moving_variance", value))
+                               lambda self, value: self._set_array("moving_variance", value),
+                               doc="The live (C,) moving variance; assigning copies checked "
+                                   "values.")
 
     #: Prefix of the parameter names in MindSpore's checkpoints ("bn2d." for BatchNorm3d,
     #: which wraps a BatchNorm2d named bn2d).
@@ -301,8 +312,24 @@ class _BatchNorm:
 
     # --- modes ---------------------------------------------------------------
 
-    def set_train(self, mode=True):
-        """Training mode on (or off with ``mode=False``); returns the layer."""
+    def set_train(self, mode: bool = True) -> "_BatchNorm":
+        """Training mode on (or off with ``mode=False``).
+
+        Parameters
+        ----------
+        mode : bool, default True
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        TypeError
+            ``mode`` is not a bool.
+        """
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"set_train: mode must be True or False, got {mode!r}")
         self.training = bool(mode)
         return self
 
@@ -312,7 +339,8 @@ class _BatchNorm:
         """``x`` as the wrapped layer's (N, C, ...) input: NHWC moves its axis, as a view."""
         if self._data_format == "NCHW":
             return x
-        x = np.asarray(x)
+        if type(x) is not np.ndarray:
+            x = _torch_layers._as_input_array(x)
         if x.ndim not in self._torch_class._ndims:
             raise ValueError(f"expected {self._nhwc_shapes} input (data_format='NHWC'), "
                              f"got a {x.ndim}D input of shape {x.shape}")
@@ -325,25 +353,63 @@ class _BatchNorm:
     def _channels_as_given(self, y):
         return y if self._data_format == "NCHW" else np.moveaxis(y, 1, -1)
 
-    def __call__(self, x):
+    def __call__(self, x: Any) -> np.ndarray:
+        """Same as ``construct(x)``."""
         return self.construct(x)
 
-    def construct(self, x):
-        """The normalised ``x``, of its shape and dtype (see the class docstring)."""
-        shape = np.shape(x)
+    def construct(self, x: Any) -> np.ndarray:
+        """The normalised ``x``; moving statistics updated when batch statistics are used.
+
+        Parameters
+        ----------
+        x : array_like or CPU torch.Tensor
+            (N, C, ...) or, with ``data_format='NHWC'``, channels last.
+
+        Returns
+        -------
+        ndarray
+            Of ``x``'s shape and dtype (float32 for a bfloat16 tensor).
+
+        Raises
+        ------
+        ValueError, TypeError
+            A wrong rank, channel count or dtype; one value per channel with
+            batch statistics.  On error no state has changed.
+        """
+        if type(x) is not np.ndarray:
+            x = _torch_layers._as_input_array(x)
+        shape = x.shape
         self._bn.training = self._uses_batch_statistics()
         y = self._bn(self._channels_first(x))
         self._input_shape = shape
         return self._channels_as_given(y)
 
-    def backward(self, dy):
-        """dL/dx for the last forward; sets ``grad_gamma``, ``grad_beta`` (None without affine)."""
+    def backward(self, dy: Any) -> np.ndarray:
+        """dL/dx for the last forward; sets ``grad_gamma``, ``grad_beta`` (None without affine).
+
+        Parameters
+        ----------
+        dy : array_like or CPU torch.Tensor
+            dL/dy, of the last input's shape (and layout).
+
+        Returns
+        -------
+        ndarray
+
+        Raises
+        ------
+        RuntimeError
+            No forward yet.
+        ValueError, TypeError
+            ``dy`` of the wrong shape or dtype.
+        """
+        if type(dy) is not np.ndarray:
+            dy = _torch_layers._as_input_array(dy, "dy")
         if self._data_format == "NHWC":
             # Checked here, in the caller's shapes; NCHW errors come from the wrapped
             # layer, which SyncBatchNorm needs to raise them on every rank.
             if self._input_shape is None:
                 raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
-            dy = np.asarray(dy)
             if dy.shape != self._input_shape:
                 raise ValueError(f"dy must have the shape of the last input {self._input_shape},"
                                  f" got {dy.shape}")
