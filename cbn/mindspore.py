@@ -141,10 +141,11 @@ class _BatchNorm:
     _torch_class = None  # the PyTorch-flavoured layer wrapped
     _nhwc_shapes = None  # the expected NHWC shapes, for error messages
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True,
-                 gamma_init="ones", beta_init="zeros", moving_mean_init="zeros",
-                 moving_var_init="ones", use_batch_statistics=None, data_format="NCHW",
-                 dtype=np.float32):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.9,
+                 affine: bool = True, gamma_init: Any = "ones", beta_init: Any = "zeros",
+                 moving_mean_init: Any = "zeros", moving_var_init: Any = "ones",
+                 use_batch_statistics: Optional[bool] = None, data_format: str = "NCHW",
+                 dtype: Any = np.float32) -> None:
         eps = _check_eps(eps)
         torch_momentum = momentum_mindspore_to_torch(momentum)
         use_batch_statistics = _check_use_batch_statistics(use_batch_statistics)
@@ -433,7 +434,7 @@ class _LocalBatchNorm(_BatchNorm):
     # --- the PyTorch-flavoured layer with the same behaviour ------------------
 
     @classmethod
-    def from_torch(cls, layer, **kwargs):
+    def from_torch(cls, layer: Any, **kwargs: Any) -> "_LocalBatchNorm":
         """The MindSpore-flavoured layer that computes what ``layer`` (a ``cbn.BatchNorm*``) does.
 
         Parameters and statistics are copied; ``momentum`` becomes ``1 - momentum``;
@@ -456,7 +457,7 @@ class _LocalBatchNorm(_BatchNorm):
         ms._bn.num_batches_tracked = layer.num_batches_tracked or 0
         return ms.set_train(layer.training)
 
-    def to_torch(self):
+    def to_torch(self) -> Any:
         """The ``cbn.BatchNorm*`` that computes what this layer does now.
 
         ``momentum`` becomes ``1 - momentum``.  The modes map as they stand:
@@ -519,9 +520,10 @@ class BatchNorm3d(_LocalBatchNorm):
     _torch_class = _torch_layers.BatchNorm3d
     _param_prefix = "bn2d."
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True,
-                 gamma_init="ones", beta_init="zeros", moving_mean_init="zeros",
-                 moving_var_init="ones", use_batch_statistics=None, dtype=np.float32):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.9,
+                 affine: bool = True, gamma_init: Any = "ones", beta_init: Any = "zeros",
+                 moving_mean_init: Any = "zeros", moving_var_init: Any = "ones",
+                 use_batch_statistics: Optional[bool] = None, dtype: Any = np.float32) -> None:
         super().__init__(num_features, eps, momentum, affine, gamma_init, beta_init,
                          moving_mean_init, moving_var_init, use_batch_statistics,
                          "NCHW", dtype)
@@ -561,10 +563,12 @@ class SyncBatchNorm(_BatchNorm):
     """
     _torch_class = _SyncCore
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True,
-                 gamma_init="ones", beta_init="zeros", moving_mean_init="zeros",
-                 moving_var_init="ones", use_batch_statistics=None, process_groups=None,
-                 dtype=np.float32, timeout=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.9,
+                 affine: bool = True, gamma_init: Any = "ones", beta_init: Any = "zeros",
+                 moving_mean_init: Any = "zeros", moving_var_init: Any = "ones",
+                 use_batch_statistics: Optional[bool] = None,
+                 process_groups: Optional[List[List[int]]] = None, dtype: Any = np.float32,
+                 timeout: Optional[float] = None) -> None:
         self.process_groups = process_groups
         self._timeout = timeout
         super().__init__(num_features, eps, momentum, affine, gamma_init, beta_init,
