@@ -33,7 +33,7 @@ Whole layers convert with ``cbn.mindspore.BatchNorm2d.from_torch(layer)`` and
 """
 import numbers
 from collections.abc import Mapping
-from typing import Any, Dict, Iterable, Optional, Union
+from typing import Any, Dict, Iterable
 
 import numpy as np
 

@@ -220,6 +220,14 @@ def _per_channel(name, value, num_features):
     return array.astype(np.float64) if array.dtype.kind != "f" else array
 
 
+def _copier(tensor, array):
+    """A function writing ``array`` back into ``tensor`` (a bfloat16 copy's way home)."""
+    def write_back():
+        import torch
+        tensor.detach().copy_(torch.from_numpy(array))
+    return write_back
+
+
 def _running_buffer(name, value, num_features):
     """(array updated in place, write-back or None) for a running statistic in training.
 
@@ -230,9 +238,7 @@ def _running_buffer(name, value, num_features):
     if is_tensor(value):
         array = to_numpy(value, name)
         if str(value.dtype) == "torch.bfloat16":
-            def write_back(v=value, a=array):
-                import torch
-                v.detach().copy_(torch.from_numpy(a))
+            write_back = _copier(value, array)
         elif not array.flags.writeable:  # pragma: no cover - tensors are writable
             raise ValueError(f"{name} is read-only, but training updates it in place")
     if not isinstance(array, np.ndarray) or array.dtype.kind != "f":

@@ -236,3 +236,15 @@ def test_functional_bad_tensor_statistics_change_nothing(torch):
     assert float(mean.abs().sum()) == 0
     with pytest.raises(TypeError, match="running_mean must be a floating-point"):
         batch_norm(x, torch.zeros(3, dtype=torch.int64), torch.ones(3), training=True)
+
+
+@pytest.mark.parametrize("data_format", ["NCHW", "NHWC"])
+def test_mindspore_layers_accept_tensors_that_require_grad(torch, rng, data_format):
+    import cbn.mindspore as ms
+    x = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    a = ms.BatchNorm2d(3, data_format=data_format).set_train()
+    b = ms.BatchNorm2d(3, data_format=data_format).set_train()
+    y = a(torch.from_numpy(x).requires_grad_())
+    np.testing.assert_array_equal(y, b(x))
+    dy = torch.ones(4, 3, 2, 2, requires_grad=True)
+    np.testing.assert_array_equal(a.backward(dy), b.backward(np.ones_like(x)))
