@@ -241,10 +241,11 @@ def test_functional_bad_tensor_statistics_change_nothing(torch):
 @pytest.mark.parametrize("data_format", ["NCHW", "NHWC"])
 def test_mindspore_layers_accept_tensors_that_require_grad(torch, rng, data_format):
     import cbn.mindspore as ms
-    x = rng.standard_normal((4, 3, 2, 2)).astype(np.float32)
+    shape = (4, 3, 2, 2) if data_format == "NCHW" else (4, 2, 2, 3)
+    x = rng.standard_normal(shape).astype(np.float32)
     a = ms.BatchNorm2d(3, data_format=data_format).set_train()
     b = ms.BatchNorm2d(3, data_format=data_format).set_train()
     y = a(torch.from_numpy(x).requires_grad_())
     np.testing.assert_array_equal(y, b(x))
-    dy = torch.ones(4, 3, 2, 2, requires_grad=True)
+    dy = torch.ones(*shape, requires_grad=True)
     np.testing.assert_array_equal(a.backward(dy), b.backward(np.ones_like(x)))
