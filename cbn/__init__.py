@@ -6,7 +6,7 @@ normalises with the statistics of the global batch across MPI processes.
 ``import cbn`` needs only NumPy: mpi4py and torch are imported on first use.
 """
 from cbn import convert, functional, fuse, mindspore
-from cbn._config import get_num_threads, set_num_threads, threads
+from cbn._config import MAX_THREADS, get_num_threads, set_num_threads, threads
 from cbn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from cbn.checkpoint import load, save
 from cbn.sync_batchnorm import SyncBatchNorm
@@ -15,4 +15,4 @@ __version__ = "0.1.0"
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert", "functional",
            "fuse", "mindspore", "save", "load", "get_num_threads", "set_num_threads", "threads",
-           "__version__"]
+           "MAX_THREADS", "__version__"]

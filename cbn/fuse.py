@@ -39,6 +39,7 @@ def _statistics(bn):
                 f"use_batch_statistics None or False")
         gamma, beta = bn.gamma, bn.beta
         mean, var = bn.moving_mean, bn.moving_variance
+        names = ("gamma", "beta", "moving_mean", "moving_variance")
     elif hasattr(bn, "running_var") and hasattr(bn, "track_running_stats"):  # cbn.BatchNorm*
         if not bn.track_running_stats:
             raise ValueError(f"cannot fold {name} built with track_running_stats=False: it "
@@ -46,15 +47,47 @@ def _statistics(bn):
         if bn.training:
             raise ValueError(f"cannot fold {name} in training mode: it normalises with batch "
                              f"statistics; folding is for inference: call eval() first")
-        c = bn.num_features
+        c = _num_features(bn, name)
         gamma = bn.weight if bn.weight is not None else np.ones(c)
         beta = bn.bias if bn.bias is not None else np.zeros(c)
         mean, var = bn.running_mean, bn.running_var
+        names = ("weight", "bias", "running_mean", "running_var")
     else:
         raise TypeError(f"expected a cbn batch-norm layer (cbn.BatchNorm1d/2d/3d, "
                         f"cbn.SyncBatchNorm or cbn.mindspore.BatchNorm1d/2d/3d), got {name}")
-    as64 = (lambda a: np.asarray(a, dtype=np.float64))
-    return as64(gamma), as64(beta), as64(mean), as64(var), float(bn.eps)
+    c = _num_features(bn, name)
+    arrays = tuple(_real_vector(f"{name}.{key}", value, c) for key, value in
+                   zip(names, (gamma, beta, mean, var)))
+    return arrays + (_check_eps(bn.eps, f"{name}.eps"),)
+
+
+def _num_features(bn, name):
+    c = getattr(bn, "num_features", None)
+    if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c <= 0:
+        raise TypeError(f"{name}.num_features must be a positive integer, got {c!r}")
+    return int(c)
+
+
+def _real_vector(name, value, length):
+    """``value`` as a float64 array of shape (length,) of real numbers, else TypeError/ValueError."""
+    try:
+        array = np.asarray(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be an array of real numbers, got {type(value).__name__} "
+                        f"({exc})") from None
+    if array.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    if array.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got shape {array.shape}")
+    return array.astype(np.float64)
+
+
+def _check_eps(eps, name):
+    if isinstance(eps, bool) or not isinstance(eps, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name} must be a real number > 0, got {type(eps).__name__} {eps!r}")
+    if not 0.0 < float(eps) < np.inf:
+        raise ValueError(f"{name} must be > 0 and finite, got {eps!r}")
+    return float(eps)
 
 
 def inference_scale_shift(bn):
@@ -70,7 +103,11 @@ def inference_scale_shift(bn):
 
 
 def _check_weight(weight):
-    weight = np.asarray(weight)
+    try:
+        weight = np.asarray(weight)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"weight must be a floating-point array, got {type(weight).__name__} "
+                        f"({exc})") from None
     if weight.dtype.kind != "f":
         raise TypeError(f"weight must be a floating-point array, got dtype {weight.dtype}")
     return weight
@@ -81,10 +118,17 @@ def _fused_bias(bias, out_channels, mean_shift, scale, dtype):
     if bias is None:
         bias64 = np.zeros(out_channels)
     else:
-        bias64 = np.asarray(bias, dtype=np.float64)
-        if bias64.shape != (out_channels,):
+        try:
+            array = np.asarray(bias)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"bias must be None or an array of real numbers, got "
+                            f"{type(bias).__name__} ({exc})") from None
+        if array.dtype.kind not in "fiu":
+            raise TypeError(f"bias must hold real numbers, got dtype {array.dtype}")
+        if array.shape != (out_channels,):
             raise ValueError(f"bias must have shape ({out_channels},) (one value per output "
-                             f"channel), got shape {bias64.shape}")
+                             f"channel), got shape {array.shape}")
+        bias64 = array.astype(np.float64)
     return (bias64 * scale + mean_shift).astype(dtype)
 
 
@@ -130,6 +174,8 @@ def fuse_conv_bn(weight, bias, bn, transposed=False, groups=1):
                          f"got shape {weight.shape}")
     if isinstance(groups, bool) or not isinstance(groups, (int, np.integer)) or groups < 1:
         raise ValueError(f"groups must be a positive integer, got {groups!r}")
+    if not isinstance(transposed, (bool, np.bool_)):
+        raise TypeError(f"transposed must be True or False, got {transposed!r}")
     scale, shift = inference_scale_shift(bn)
     if transposed:
         in_channels, per_group = weight.shape[0], weight.shape[1]

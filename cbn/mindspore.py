@@ -26,10 +26,11 @@ an empty batch returns an empty output and leaves the moving statistics alone
 MindSpore supports it only on GPU.
 """
 import numbers
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import numpy as np
 
-from cbn import batchnorm as _torch_layers, comm as _comm
+from cbn import batchnorm as _torch_layers, comm as _comm, functional as _functional
 from cbn.convert import momentum_mindspore_to_torch, momentum_torch_to_mindspore
 from cbn.sync_batchnorm import SyncBatchNorm as _TorchSyncBatchNorm
 
@@ -53,7 +54,11 @@ _FORMATS = ("NCHW", "NHWC")
 
 def _real_vector(name, value, num_features):
     """``value`` as an array of shape (num_features,) of real numbers, or ValueError."""
-    array = np.asarray(value)
+    try:
+        array = np.asarray(_functional.to_numpy(value, name))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"{name} must be an array of {num_features} real numbers, got "
+                         f"{type(value).__name__} ({exc})") from None
     if array.shape != (num_features,):
         raise ValueError(f"{name} must have shape ({num_features},), got shape {array.shape}")
     if array.dtype.kind not in "fiu":
@@ -118,8 +123,11 @@ class _BatchNorm:
         even when not training.  False: always moving statistics, never updated.
     data_format : {'NCHW', 'NHWC'}
         'NHWC': channels come last in the input and output.
-    dtype : numpy dtype, default float32
-        dtype of the parameters (float32 or float64).
+    dtype : dtype, default float32
+        dtype of the parameters, as MindSpore's ``dtype=mstype.float32``:
+        float16 or float32 (float64 too), given as a NumPy dtype, its name, or
+        ``mindspore.float16``/``mindspore.float32``.  Inputs of any floating
+        dtype are accepted; float16 is computed in float32.
 
     Attributes
     ----------
@@ -133,10 +141,11 @@ class _BatchNorm:
     _torch_class = None  # the PyTorch-flavoured layer wrapped
     _nhwc_shapes = None  # the expected NHWC shapes, for error messages
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True,
-                 gamma_init="ones", beta_init="zeros", moving_mean_init="zeros",
-                 moving_var_init="ones", use_batch_statistics=None, data_format="NCHW",
-                 dtype=np.float32):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.9,
+                 affine: bool = True, gamma_init: Any = "ones", beta_init: Any = "zeros",
+                 moving_mean_init: Any = "zeros", moving_var_init: Any = "ones",
+                 use_batch_statistics: Optional[bool] = None, data_format: str = "NCHW",
+                 dtype: Any = np.float32) -> None:
         eps = _check_eps(eps)
         torch_momentum = momentum_mindspore_to_torch(momentum)
         use_batch_statistics = _check_use_batch_statistics(use_batch_statistics)
@@ -165,19 +174,23 @@ class _BatchNorm:
     # --- hyper-parameters, converted at the boundary -----------------------
 
     @property
-    def num_features(self):
+    def num_features(self) -> int:
+        """C, the number of channels."""
         return self._bn.num_features
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype:
+        """The parameters' dtype."""
         return self._bn.dtype
 
     @property
-    def data_format(self):
+    def data_format(self) -> str:
+        """'NCHW' or 'NHWC'."""
         return self._data_format
 
     @property
-    def eps(self):
+    def eps(self) -> float:
+        """Added to the variance, in (0, 1]; checked when assigned (ValueError)."""
         return self._bn.eps
 
     @eps.setter
@@ -185,7 +198,8 @@ class _BatchNorm:
         self._bn.eps = _check_eps(value)
 
     @property
-    def momentum(self):
+    def momentum(self) -> float:
+        """MindSpore's momentum in [0, 1] (the old statistics' weight); checked when assigned."""
         return self._momentum
 
     @momentum.setter
@@ -194,7 +208,8 @@ class _BatchNorm:
         self._momentum = float(value)
 
     @property
-    def use_batch_statistics(self):
+    def use_batch_statistics(self) -> Optional[bool]:
+        """None, True or False (see the class docstring); checked when assigned."""
         return self._use_batch_statistics
 
     @use_batch_statistics.setter
@@ -215,39 +230,107 @@ class _BatchNorm:
         self._array(name)[...] = _real_vector(name, value, self.num_features)
 
     gamma = property(lambda self: self._array("gamma"),
-                     lambda self, value: self._set_array("gamma", value))
+                     lambda self, value: self._set_array("gamma", value),
+                     doc="The live (C,) scale array; assigning copies checked values into it.")
     beta = property(lambda self: self._array("beta"),
-                    lambda self, value: self._set_array("beta", value))
+                    lambda self, value: self._set_array("beta", value),
+                    doc="The live (C,) shift array; assigning copies checked values into it.")
     moving_mean = property(lambda self: self._array("moving_mean"),
-                           lambda self, value: self._set_array("moving_mean", value))
+                           lambda self, value: self._set_array("moving_mean", value),
+                           doc="The live (C,) moving mean; assigning copies checked values.")
     moving_variance = property(lambda self: self._array("moving_variance"),
-                               lambda self, value: self._set_array("moving_variance", value))
+                               lambda self, value: self._set_array("moving_variance", value),
+                               doc="The live (C,) moving variance; assigning copies checked "
+                                   "values.")
 
-    def parameters_dict(self):
-        """Copies of the parameters under MindSpore's names (MindSpore's order)."""
-        return {name: self._array(name).copy() for name in _NAMES}
+    #: Prefix of the parameter names in MindSpore's checkpoints ("bn2d." for BatchNorm3d,
+    #: which wraps a BatchNorm2d named bn2d).
+    _param_prefix = ""
 
-    def load_parameters(self, params, strict=True):
-        """Load MindSpore-named arrays; returns the (missing, unexpected) key lists.
+    def parameters_dict(self) -> Dict[str, np.ndarray]:
+        """Copies of the parameters under MindSpore's names (MindSpore's order).
 
-        With ``strict``, a missing or unexpected key raises ``ValueError``
-        naming it; a wrong shape always does.  Nothing is loaded on error.
+        Returns
+        -------
+        dict
+            ``moving_mean``, ``moving_variance``, ``gamma``, ``beta`` -- for
+            ``BatchNorm3d`` ``bn2d.moving_mean``, ... as in MindSpore's checkpoints.
         """
-        missing = [name for name in _NAMES if name not in params]
-        unexpected = [key for key in params if key not in _NAMES]
+        prefix = self._param_prefix
+        return {prefix + name: self._array(name).copy() for name in _NAMES}
+
+    def load_parameters(self, params: Mapping[str, Any],
+                        strict: bool = True) -> Tuple[List[str], List[str]]:
+        """Load MindSpore-named arrays (a ``parameters_dict()`` or a checkpoint's).
+
+        ``BatchNorm3d`` takes MindSpore's real names (``bn2d.gamma``, ...) or
+        the short ones (``gamma``, ...).  Every value is checked (real numbers,
+        shape (C,)) before any is assigned: nothing is loaded on error.
+
+        Parameters
+        ----------
+        params : mapping
+            Name -> array (or CPU tensor).
+        strict : bool, default True
+            A missing or unexpected key raises ``ValueError`` naming it.
+
+        Returns
+        -------
+        (missing, unexpected) : lists of keys
+
+        Raises
+        ------
+        TypeError
+            ``params`` is not a mapping.
+        ValueError
+            Missing/unexpected keys (strict), a key given twice (long and
+            short name), a wrong shape or a non-real dtype.
+        """
+        layer = type(self).__name__
+        if not isinstance(params, Mapping):
+            raise TypeError(f"load_parameters for {layer}: params must be a mapping (a dict), "
+                            f"got {type(params).__name__}")
+        prefix = self._param_prefix
+        keys = {}  # MindSpore name -> key of params holding it
+        for name in _NAMES:
+            given = [key for key in dict.fromkeys((prefix + name, name)) if key in params]
+            if len(given) > 1:
+                raise ValueError(f"load_parameters for {layer}: {given[0]!r} and {given[1]!r} "
+                                 f"both given (the same parameter)")
+            if given:
+                keys[name] = given[0]
+        missing = [prefix + name for name in _NAMES if name not in keys]
+        used = set(keys.values())
+        unexpected = [key for key in params if key not in used]
         if strict and (missing or unexpected):
-            raise ValueError(f"load_parameters for {type(self).__name__}: missing keys "
+            raise ValueError(f"load_parameters for {layer}: missing keys "
                              f"{missing}, unexpected keys {unexpected}")
-        values = {name: _real_vector(name, params[name], self.num_features)
-                  for name in _NAMES if name in params}
+        values = {name: _real_vector(key, params[key], self.num_features)
+                  for name, key in keys.items()}
         for name, value in values.items():
             self._array(name)[...] = value
         return missing, unexpected
 
     # --- modes ---------------------------------------------------------------
 
-    def set_train(self, mode=True):
-        """Training mode on (or off with ``mode=False``); returns the layer."""
+    def set_train(self, mode: bool = True) -> "_BatchNorm":
+        """Training mode on (or off with ``mode=False``).
+
+        Parameters
+        ----------
+        mode : bool, default True
+
+        Returns
+        -------
+        self
+
+        Raises
+        ------
+        TypeError
+            ``mode`` is not a bool.
+        """
+        if not isinstance(mode, (bool, np.bool_)):
+            raise TypeError(f"set_train: mode must be True or False, got {mode!r}")
         self.training = bool(mode)
         return self
 
@@ -257,7 +340,8 @@ class _BatchNorm:
         """``x`` as the wrapped layer's (N, C, ...) input: NHWC moves its axis, as a view."""
         if self._data_format == "NCHW":
             return x
-        x = np.asarray(x)
+        if type(x) is not np.ndarray:
+            x = _torch_layers._as_input_array(x)
         if x.ndim not in self._torch_class._ndims:
             raise ValueError(f"expected {self._nhwc_shapes} input (data_format='NHWC'), "
                              f"got a {x.ndim}D input of shape {x.shape}")
@@ -270,25 +354,63 @@ class _BatchNorm:
     def _channels_as_given(self, y):
         return y if self._data_format == "NCHW" else np.moveaxis(y, 1, -1)
 
-    def __call__(self, x):
+    def __call__(self, x: Any) -> np.ndarray:
+        """Same as ``construct(x)``."""
         return self.construct(x)
 
-    def construct(self, x):
-        """The normalised ``x``, of its shape and dtype (see the class docstring)."""
-        shape = np.shape(x)
+    def construct(self, x: Any) -> np.ndarray:
+        """The normalised ``x``; moving statistics updated when batch statistics are used.
+
+        Parameters
+        ----------
+        x : array_like or CPU torch.Tensor
+            (N, C, ...) or, with ``data_format='NHWC'``, channels last.
+
+        Returns
+        -------
+        ndarray
+            Of ``x``'s shape and dtype (float32 for a bfloat16 tensor).
+
+        Raises
+        ------
+        ValueError, TypeError
+            A wrong rank, channel count or dtype; one value per channel with
+            batch statistics.  On error no state has changed.
+        """
+        if type(x) is not np.ndarray:
+            x = _torch_layers._as_input_array(x)
+        shape = x.shape
         self._bn.training = self._uses_batch_statistics()
         y = self._bn(self._channels_first(x))
         self._input_shape = shape
         return self._channels_as_given(y)
 
-    def backward(self, dy):
-        """dL/dx for the last forward; sets ``grad_gamma``, ``grad_beta`` (None without affine)."""
+    def backward(self, dy: Any) -> np.ndarray:
+        """dL/dx for the last forward; sets ``grad_gamma``, ``grad_beta`` (None without affine).
+
+        Parameters
+        ----------
+        dy : array_like or CPU torch.Tensor
+            dL/dy, of the last input's shape (and layout).
+
+        Returns
+        -------
+        ndarray
+
+        Raises
+        ------
+        RuntimeError
+            No forward yet.
+        ValueError, TypeError
+            ``dy`` of the wrong shape or dtype.
+        """
+        if type(dy) is not np.ndarray:
+            dy = _torch_layers._as_input_array(dy, "dy")
         if self._data_format == "NHWC":
             # Checked here, in the caller's shapes; NCHW errors come from the wrapped
             # layer, which SyncBatchNorm needs to raise them on every rank.
             if self._input_shape is None:
                 raise RuntimeError(f"{type(self).__name__}.backward called before any forward")
-            dy = np.asarray(dy)
             if dy.shape != self._input_shape:
                 raise ValueError(f"dy must have the shape of the last input {self._input_shape},"
                                  f" got {dy.shape}")
@@ -312,7 +434,7 @@ class _LocalBatchNorm(_BatchNorm):
     # --- the PyTorch-flavoured layer with the same behaviour ------------------
 
     @classmethod
-    def from_torch(cls, layer, **kwargs):
+    def from_torch(cls, layer: Any, **kwargs: Any) -> "_LocalBatchNorm":
         """The MindSpore-flavoured layer that computes what ``layer`` (a ``cbn.BatchNorm*``) does.
 
         Parameters and statistics are copied; ``momentum`` becomes ``1 - momentum``;
@@ -335,7 +457,7 @@ class _LocalBatchNorm(_BatchNorm):
         ms._bn.num_batches_tracked = layer.num_batches_tracked or 0
         return ms.set_train(layer.training)
 
-    def to_torch(self):
+    def to_torch(self) -> Any:
         """The ``cbn.BatchNorm*`` that computes what this layer does now.
 
         ``momentum`` becomes ``1 - momentum``.  The modes map as they stand:
@@ -389,12 +511,19 @@ class BatchNorm3d(_LocalBatchNorm):
 
     See ``cbn.mindspore._BatchNorm`` for the parameters; in a training step
     ``moving = momentum * moving + (1 - momentum) * batch``.
+
+    MindSpore's BatchNorm3d wraps a BatchNorm2d named ``bn2d``, so its
+    checkpoints name the parameters ``bn2d.gamma``, ``bn2d.beta``,
+    ``bn2d.moving_mean``, ``bn2d.moving_variance``: ``parameters_dict()``
+    returns those names and ``load_parameters`` takes them (or the short ones).
     """
     _torch_class = _torch_layers.BatchNorm3d
+    _param_prefix = "bn2d."
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True,
-                 gamma_init="ones", beta_init="zeros", moving_mean_init="zeros",
-                 moving_var_init="ones", use_batch_statistics=None, dtype=np.float32):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.9,
+                 affine: bool = True, gamma_init: Any = "ones", beta_init: Any = "zeros",
+                 moving_mean_init: Any = "zeros", moving_var_init: Any = "ones",
+                 use_batch_statistics: Optional[bool] = None, dtype: Any = np.float32) -> None:
         super().__init__(num_features, eps, momentum, affine, gamma_init, beta_init,
                          moving_mean_init, moving_var_init, use_batch_statistics,
                          "NCHW", dtype)
@@ -434,10 +563,12 @@ class SyncBatchNorm(_BatchNorm):
     """
     _torch_class = _SyncCore
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.9, affine=True,
-                 gamma_init="ones", beta_init="zeros", moving_mean_init="zeros",
-                 moving_var_init="ones", use_batch_statistics=None, process_groups=None,
-                 dtype=np.float32, timeout=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: float = 0.9,
+                 affine: bool = True, gamma_init: Any = "ones", beta_init: Any = "zeros",
+                 moving_mean_init: Any = "zeros", moving_var_init: Any = "ones",
+                 use_batch_statistics: Optional[bool] = None,
+                 process_groups: Optional[List[List[int]]] = None, dtype: Any = np.float32,
+                 timeout: Optional[float] = None) -> None:
         self.process_groups = process_groups
         self._timeout = timeout
         super().__init__(num_features, eps, momentum, affine, gamma_init, beta_init,

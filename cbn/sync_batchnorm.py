@@ -101,9 +101,10 @@ class SyncBatchNorm(_BatchNorm):
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, process_group=None, dtype=np.float32,
-                 timeout=None):
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
+                 track_running_stats=True, process_group=None, device=None, dtype=np.float32,
+                 *, bias=True, timeout=None):
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
+                         dtype, bias=bias)
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         self.process_group = process_group
@@ -133,6 +134,7 @@ class SyncBatchNorm(_BatchNorm):
             batch = self._batch(x)
             if out is not None:
                 _layout.check_out(batch, out)
+            self._validate()  # the attributes as assigned, before any rank changes state
         except (TypeError, ValueError) as exc:
             self._global_stats().fail_forward(exc)
         self._synced = True
@@ -186,7 +188,8 @@ _OPAQUE = (type, types.ModuleType, types.FunctionType, types.MethodType, np.ndar
 def _convert(obj, cls, process_group, seen):
     if isinstance(obj, _BatchNorm) and not isinstance(obj, SyncBatchNorm):
         layer = cls(obj.num_features, obj.eps, obj.momentum, obj.affine,
-                    obj.track_running_stats, process_group, obj.dtype)
+                    obj.track_running_stats, process_group, dtype=obj.dtype,
+                    bias=obj.bias is not None or not obj.affine)
         for key in ("weight", "bias", "running_mean", "running_var", "num_batches_tracked",
                     "training"):
             setattr(layer, key, getattr(obj, key))

@@ -41,8 +41,10 @@ def torch():
     """
     module = import_torch_or_skip()
     module.manual_seed(0)
-    module.set_num_threads(1)
-    return module
+    before = module.get_num_threads()
+    module.set_num_threads(1)  # (torch's OpenMP runtime is cbn's: this caps cbn too)
+    yield module
+    module.set_num_threads(before)  # so later tests run cbn on its usual threads
 
 
 def pytest_configure(config):

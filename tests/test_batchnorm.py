@@ -498,6 +498,35 @@ def test_inf_stays_in_its_channel(rng, layout):
     assert np.all(np.isfinite(layer.running_var[[0, 2]]))
 
 
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_non_finite_first_value_gives_torchs_statistics(rng, layout, value):
+    # The statistics are sums shifted by a per-channel value: a non-finite shift
+    # (the channel's first value) would turn an infinite mean into NaN.
+    layer = cbn.BatchNorm2d(3, dtype=np.float64)
+    x = make_input(rng, (3, 3, 4, 5), np.float64)
+    x[0, 1, 0, 0] = value
+    with np.errstate(invalid="ignore"):
+        layer(arrange(x, layout))
+    expected = value if np.isinf(value) else np.nan
+    np.testing.assert_array_equal(layer.running_mean[1], expected)  # torch: inf, -inf, nan
+    assert np.isnan(layer.running_var[1])
+    assert np.all(np.isfinite(layer.running_mean[[0, 2]]))
+
+
+def test_a_non_finite_first_value_matches_torch(torch, rng):
+    x = make_input(rng, (3, 3, 4, 5), np.float32)
+    x[0, 1, 0, 0] = np.inf
+    x[0, 2, 0, 0] = -np.inf
+    ours, theirs = cbn.BatchNorm2d(3), torch.nn.BatchNorm2d(3)
+    with np.errstate(invalid="ignore"):
+        y = ours(x)
+    expected = theirs(torch.from_numpy(x)).detach().numpy()
+    np.testing.assert_array_equal(ours.running_mean[1:], theirs.running_mean.numpy()[1:])
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
+    np.testing.assert_allclose(y[:, 0], expected[:, 0], atol=2e-6)
+
+
 # --------------------------------------------------------------------------- backward
 
 

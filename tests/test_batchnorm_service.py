@@ -246,3 +246,39 @@ def test_out_partly_overlapping_the_input_gives_the_right_answer(training):
     out = buf[1:].reshape(3, 4, 5, 6)       # shares memory with x, shifted by one
     cbn.BatchNorm2d(4).train(training)(x, out=out)
     np.testing.assert_array_equal(out, expected)
+
+
+@pytest.mark.parametrize("shift", [1, -1, 7])
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_out_partly_overlapping_the_gradient_gives_the_right_answer(training, shift):
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((3, 4, 5, 6)).astype(np.float32)
+    buf = rng.standard_normal(360 + abs(shift)).astype(np.float32)
+    start = max(0, -shift)
+    dy = buf[start + max(0, shift):][:360].reshape(3, 4, 5, 6) if shift > 0 else \
+        buf[:360].reshape(3, 4, 5, 6)
+    out = buf[:360].reshape(3, 4, 5, 6) if shift > 0 else buf[-shift:][:360].reshape(3, 4, 5, 6)
+    assert np.shares_memory(dy, out) and dy.ctypes.data != out.ctypes.data
+    reference = cbn.BatchNorm2d(4).train(training)
+    reference(x)
+    expected = reference.backward(dy.copy())
+    layer = cbn.BatchNorm2d(4).train(training)
+    layer(x)
+    result = layer.backward(dy, out=out)
+    assert result is out
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(layer.grad_weight, reference.grad_weight)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_backward_out_exactly_the_gradient_is_written_in_place(training):
+    rng = np.random.default_rng(10)
+    x = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    dy = rng.standard_normal((3, 4, 5)).astype(np.float32)
+    reference = cbn.BatchNorm1d(4).train(training)
+    reference(x)
+    expected = reference.backward(dy.copy())
+    layer = cbn.BatchNorm1d(4).train(training)
+    layer(x)
+    assert layer.backward(dy, out=dy) is dy
+    np.testing.assert_array_equal(dy, expected)

@@ -25,7 +25,7 @@ def test_set_and_get_num_threads():
     assert cbn.get_num_threads() == expected
 
 
-@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, "2", True, None, 100000, 2**31, 2**64])
 def test_bad_thread_counts_are_rejected(bad):
     with pytest.raises(ValueError, match="integer >= 1"):
         cbn.set_num_threads(bad)
@@ -95,3 +95,76 @@ def test_kernels_run_in_a_child_forked_after_the_pool_started():
                           timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "child ok 0.0 1" in done.stdout, done.stdout
+
+
+def test_thread_counts_up_to_the_cap_are_accepted():
+    cbn.set_num_threads(cbn.MAX_THREADS)
+    assert cbn.get_num_threads() == (cbn.MAX_THREADS if cbn._threads.openmp_enabled() else 1)
+    cbn.set_num_threads(np.int64(1))
+    assert cbn.get_num_threads() == 1
+    assert cbn.MAX_THREADS >= 64
+    with pytest.raises(ValueError, match="MAX_THREADS"):
+        cbn.set_num_threads(cbn.MAX_THREADS + 1)
+
+
+def _run(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={"PATH": "", **env}, timeout=60)
+
+
+@pytest.mark.skipif(not cbn._threads.openmp_enabled(), reason="built without OpenMP")
+@pytest.mark.parametrize("value, expected", [("100000", "MAX"), ("2147483648", "MAX"),
+                                             ("abc", "PROCS"), ("0", "PROCS"), ("-3", "PROCS"),
+                                             ("3,2", "3")])
+def test_omp_num_threads_is_validated_never_a_crash(value, expected):
+    # A huge OMP_NUM_THREADS used to segfault at the first kernel call.
+    code = ("import numpy as np, cbn; from cbn import _config;"
+            "cbn.BatchNorm2d(3)(np.ones((2, 3, 4, 4), np.float32));"
+            "print(cbn.get_num_threads(), cbn.MAX_THREADS, _config._PROCS)")
+    done = _run(code, OMP_NUM_THREADS=value)
+    assert done.returncode == 0, done.stderr
+    n, cap, procs = map(int, done.stdout.split())
+    assert n == {"MAX": cap, "PROCS": procs}.get(expected, int(expected) if expected.isdigit()
+                                                 else None)
+    if expected != "3":
+        assert "OMP_NUM_THREADS" in done.stderr and "cbn" in done.stderr
+
+
+@pytest.mark.skipif(not cbn._threads.openmp_enabled(), reason="built without OpenMP")
+def test_threadpoolctl_caps_cbn_while_in_effect():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    cbn.set_num_threads(2)
+    layer = cbn.BatchNorm1d(4)
+    layer(np.ones((4, 4), np.float32))  # used before the limit: the old cache kept 2
+    assert _config.kernel_threads() == 2
+    with threadpoolctl.threadpool_limits(1):
+        assert _config.kernel_threads() == 1 and cbn.get_num_threads() == 1
+        layer(np.ones((4, 4), np.float32))
+        with cbn.threads(2):
+            assert _config.kernel_threads() == 1
+    assert _config.kernel_threads() == 2 and cbn.get_num_threads() == 2
+    # An explicit cbn count and threadpoolctl's limit: the smaller one wins.
+    cbn.set_num_threads(1)
+    with threadpoolctl.threadpool_limits(2):
+        assert _config.kernel_threads() == 1
+    cbn.set_num_threads(3)
+    with threadpoolctl.threadpool_limits(1):
+        assert _config.kernel_threads() == 1
+    assert _config.kernel_threads() == 3
+
+
+@pytest.mark.skipif(not cbn._threads.openmp_enabled(), reason="built without OpenMP")
+def test_a_first_call_inside_threadpool_limits_does_not_stick():
+    pytest.importorskip("threadpoolctl")
+    code = textwrap.dedent("""
+        import numpy as np, threadpoolctl
+        import cbn  # loads OpenMP: threadpoolctl limits only the libraries already loaded
+        from cbn import _config
+        with threadpoolctl.threadpool_limits(1):
+            cbn.BatchNorm1d(4)(np.ones((4, 4), np.float32))
+            inside = _config.kernel_threads()
+        print(inside, _config.kernel_threads())
+    """)
+    done = _run(code, OMP_NUM_THREADS="2")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["1", "2"]

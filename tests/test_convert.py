@@ -202,3 +202,75 @@ def test_momentum_none_has_no_mindspore_equivalent():
 def test_momentum_outside_zero_one_raises(function, momentum):
     with pytest.raises(ValueError, match="momentum must be a number in \\[0, 1\\]"):
         function(momentum)
+
+
+# --- MindSpore's BatchNorm3d: the bn2d. infix ---------------------------------------------
+
+def ms3d_params(rng, prefix):
+    return {prefix + "bn2d." + name: rng.standard_normal(3).astype(np.float32)
+            for name in MS_BN}
+
+
+def test_mindspore_batchnorm3d_names_map_to_torchs(rng):
+    params = {"conv.weight": np.ones((3, 3, 1, 1, 1), np.float32)}
+    params.update(ms3d_params(rng, "layer1.bn."))
+    params.update(ms3d_params(rng, ""))             # a bare BatchNorm3d's checkpoint
+    params.update({"bn2.gamma": np.ones(3), "bn2.moving_mean": np.zeros(3),
+                   "bn2.moving_variance": np.ones(3), "bn2.beta": np.zeros(3)})
+    state = convert.mindspore_to_torch(params)
+    assert list(state) == [
+        "conv.weight",
+        "layer1.bn.running_mean", "layer1.bn.running_var", "layer1.bn.weight", "layer1.bn.bias",
+        "layer1.bn.num_batches_tracked",
+        "running_mean", "running_var", "weight", "bias", "num_batches_tracked",
+        "bn2.weight", "bn2.running_mean", "bn2.running_var", "bn2.bias",
+        "bn2.num_batches_tracked",
+    ]
+    np.testing.assert_array_equal(state["layer1.bn.running_var"],
+                                  params["layer1.bn.bn2d.moving_variance"])
+    kept = convert.mindspore_to_torch(ms3d_params(rng, "net."), batchnorm3d=False)
+    assert "net.bn2d.weight" in kept
+
+
+def test_torch_batchnorm3d_names_map_to_mindspores_and_back(rng):
+    state = torch_state(rng, "layer1.bn.")
+    state.update(torch_state(rng, "layer2.bn."))
+    params = convert.torch_to_mindspore(state, batchnorm3d=["layer1.bn"])
+    assert [k for k in params if k.startswith("layer1")] == [
+        "layer1.bn.bn2d.gamma", "layer1.bn.bn2d.beta", "layer1.bn.bn2d.moving_mean",
+        "layer1.bn.bn2d.moving_variance"]
+    assert "layer2.bn.gamma" in params  # not said to be 3d: a BatchNorm2d's names
+    back = convert.mindspore_to_torch(params)
+    assert sorted(back) == sorted(state)
+    np.testing.assert_array_equal(back["layer1.bn.weight"], state["layer1.bn.weight"])
+    bare = convert.torch_to_mindspore(torch_state(rng, ""), batchnorm3d=[""])
+    assert list(bare) == ["bn2d.gamma", "bn2d.beta", "bn2d.moving_mean", "bn2d.moving_variance"]
+
+
+def test_cbn_mindspore_batchnorm3d_round_trips_through_torch_names(rng):
+    layer = ms.BatchNorm3d(3, momentum=0.8).set_train()
+    layer(rng.standard_normal((2, 3, 2, 2, 2)).astype(np.float32))
+    pt = cbn.BatchNorm3d(3).eval()
+    pt.load_state_dict(convert.mindspore_to_torch(layer.parameters_dict()))
+    x = rng.standard_normal((2, 3, 2, 2, 2)).astype(np.float32)
+    np.testing.assert_array_equal(pt(x), layer.set_train(False)(x))
+    again = ms.BatchNorm3d(3)
+    again.load_parameters(convert.torch_to_mindspore(pt.state_dict(), batchnorm3d=[""]))
+    np.testing.assert_array_equal(again(x), layer(x))
+
+
+def test_torch_model_tells_which_layers_are_3d(torch, rng):
+    model = torch.nn.Sequential(torch.nn.Conv3d(2, 3, 1), torch.nn.BatchNorm3d(3),
+                                torch.nn.Flatten(), torch.nn.BatchNorm1d(3 * 8))
+    model.train()
+    model(torch.from_numpy(rng.standard_normal((4, 2, 2, 2, 2)).astype(np.float32)))
+    params = convert.torch_to_mindspore(model.state_dict(), batchnorm3d=model)
+    assert "1.bn2d.moving_mean" in params and "3.moving_mean" in params
+    layer = ms.BatchNorm3d(3)
+    layer.load_parameters({k[len("1."):]: v for k, v in params.items() if k.startswith("1.")})
+    np.testing.assert_array_equal(layer.moving_mean, model[1].running_mean.numpy())
+    # ... and back into torch.
+    fresh = torch.nn.Sequential(torch.nn.Conv3d(2, 3, 1), torch.nn.BatchNorm3d(3),
+                                torch.nn.Flatten(), torch.nn.BatchNorm1d(3 * 8))
+    fresh.load_state_dict(convert.to_torch_state_dict(convert.mindspore_to_torch(params)))
+    np.testing.assert_array_equal(fresh[1].running_var.numpy(), model[1].running_var.numpy())

@@ -607,7 +607,8 @@ def test_backward_matches_finite_differences_of_the_reference(rng, cls, shape, u
     layer = randomise(cls(shape[1], dtype=np.float64), rng).set_train(use_batch)
     x = make_input(rng, shape, np.float64)
     dy = rng.standard_normal(shape)
-    start = layer.parameters_dict()
+    start = {key.rpartition(".")[2]: value  # BatchNorm3d's are bn2d.gamma, ...
+             for key, value in layer.parameters_dict().items()}
     layer(x)
     dx = layer.backward(dy)
 
@@ -914,3 +915,83 @@ def test_sync_batchnorm_over_ranks_equals_the_plain_layer_on_each_groups_batch(r
     out = run_ranks_script(ranks, here / "mpi_mindspore_checks.py", *checks)
     for check in checks:
         assert f"OK {check} on {ranks} ranks" in out, out
+
+
+# --- MindSpore's BatchNorm3d names (bn2d.*) and dtype ---------------------------------------
+
+BN2D_NAMES = ["bn2d." + name for name in MS_NAMES]
+
+
+def test_batchnorm3d_parameters_dict_has_mindspores_bn2d_names(rng):
+    layer = used_layer(ms.BatchNorm3d, (2, 3, 2, 2, 2), rng)
+    params = layer.parameters_dict()
+    assert list(params) == BN2D_NAMES  # as mindspore.nn.BatchNorm3d's checkpoints
+    for name in MS_NAMES:
+        np.testing.assert_array_equal(params["bn2d." + name], getattr(layer, name))
+
+
+@pytest.mark.parametrize("short", [False, True])
+def test_batchnorm3d_loads_bn2d_and_short_names(rng, short):
+    source = used_layer(ms.BatchNorm3d, (2, 3, 2, 2, 2), rng)
+    params = source.parameters_dict()
+    if short:
+        params = {key[len("bn2d."):]: value for key, value in params.items()}
+    target = ms.BatchNorm3d(3)
+    assert target.load_parameters(params) == ([], [])
+    for name in MS_NAMES:
+        np.testing.assert_array_equal(getattr(target, name), getattr(source, name))
+
+
+def test_batchnorm3d_load_parameters_errors_name_the_real_keys(rng):
+    layer = randomise(ms.BatchNorm3d(3), rng)
+    before = snapshot(layer)
+    params = {key: np.ones(3) for key in BN2D_NAMES}
+    with pytest.raises(ValueError, match=r"'bn2d.gamma' and 'gamma' both given"):
+        layer.load_parameters(dict(params, gamma=np.ones(3)))
+    with pytest.raises(ValueError, match=r"missing keys \['bn2d.beta'\]"):
+        layer.load_parameters({k: v for k, v in params.items() if k != "bn2d.beta"})
+    with pytest.raises(ValueError, match=r"unexpected keys \['layer.bn2d.gamma'\]"):
+        layer.load_parameters(dict(params, **{"layer.bn2d.gamma": np.ones(3)}))
+    assert_same_state(before, layer)
+    assert layer.load_parameters({"bn2d.gamma": np.full(3, 2.0)}, strict=False) == (
+        ["bn2d.moving_mean", "bn2d.moving_variance", "bn2d.beta"], [])
+    assert np.all(layer.gamma == 2)
+
+
+def test_2d_layers_keep_the_short_names():
+    assert list(ms.BatchNorm2d(3).parameters_dict()) == MS_NAMES
+    assert list(ms.BatchNorm1d(3).parameters_dict()) == MS_NAMES
+    with pytest.raises(ValueError, match="unexpected keys"):
+        ms.BatchNorm2d(3).load_parameters({"bn2d." + k: np.ones(3) for k in MS_NAMES})
+
+
+class _MindSporeDtype:
+    """Stands in for mindspore.float16 (whose str is 'Float16') without MindSpore."""
+    __module__ = "mindspore.common.dtype"
+
+    def __init__(self, name):
+        self.name = name
+
+    def __str__(self):
+        return self.name
+
+
+@pytest.mark.parametrize("dtype", [np.float16, "float16", _MindSporeDtype("Float16")])
+@pytest.mark.parametrize("cls, shape", SHAPES)
+def test_float16_parameters_as_mindspores_dtype(rng, cls, shape, dtype):
+    layer = cls(shape[1], dtype=dtype).set_train()
+    for name in MS_NAMES:
+        assert getattr(layer, name).dtype == np.float16, name
+    reference = cls(shape[1]).set_train()  # float32 parameters, same (exact) values
+    x = make_input(rng, shape)
+    np.testing.assert_array_equal(layer(x), reference(x))
+    np.testing.assert_array_equal(layer.moving_mean, reference.moving_mean.astype(np.float16))
+    layer.backward(np.ones_like(x))
+    assert layer.grad_gamma.dtype == np.float16
+
+
+def test_mindspore_dtype_float32_object_and_bad_dtypes():
+    assert ms.BatchNorm2d(3, dtype=_MindSporeDtype("Float32")).gamma.dtype == np.float32
+    for bad in (np.int32, "int8", _MindSporeDtype("Int32"), np.complex64):
+        with pytest.raises(TypeError, match="dtype"):
+            ms.BatchNorm2d(3, dtype=bad)
