@@ -50,7 +50,7 @@ _PUBLIC_NAME = {"torch": "cbn.{}", "mindspore": "cbn.mindspore.{}"}
 # Hyper-parameters each flavour records, with the JSON types they may take.
 _NUMBER, _INT, _BOOL, _NONE, _STR = (int, float), int, bool, type(None), str
 _TORCH_CONFIG = {"num_features": _INT, "eps": _NUMBER, "momentum": _NUMBER + (_NONE,),
-                 "affine": _BOOL, "track_running_stats": _BOOL, "dtype": _STR}
+                 "affine": _BOOL, "track_running_stats": _BOOL, "bias": _BOOL, "dtype": _STR}
 _MS_CONFIG = {"num_features": _INT, "eps": _NUMBER, "momentum": _NUMBER, "affine": _BOOL,
               "use_batch_statistics": (_BOOL, _NONE), "dtype": _STR}
 _CONFIG = {
@@ -159,6 +159,7 @@ def _layer_record(layer):
     extra = {}
     if flavour == "torch":
         config["track_running_stats"] = layer.track_running_stats
+        config["bias"] = layer.bias is not None or not layer.affine  # bias=False: weight only
         if isinstance(layer, SyncBatchNorm):
             config["timeout"] = layer.timeout
         arrays = layer.state_dict()
@@ -377,11 +378,13 @@ def _check_layer_record(path, record, arrays, kind):
                                                 for v in own.values()),
             f"the arrays of layer {name!r} are not in the file")
     if key[0] == "torch":
-        expected = (["weight", "bias"] if config["affine"] else []) + (
+        expected = (["weight"] + (["bias"] if config["bias"] else []) if config["affine"]
+                    else []) + (
             ["running_mean", "running_var", "num_batches_tracked"]
             if config["track_running_stats"] else [])
     else:
-        expected = ["gamma", "beta", "moving_mean", "moving_variance"]
+        prefix = CLASSES[key]._param_prefix  # "bn2d." for MindSpore's BatchNorm3d
+        expected = [prefix + name for name in ("gamma", "beta", "moving_mean", "moving_variance")]
     if sorted(own) != sorted(expected):
         _fail(path, f"{_describe_layer(record)} must hold the arrays {expected}, the file has "
                     f"{sorted(own)}")
@@ -501,7 +504,8 @@ def _twin(layer):
     """A fresh layer that accepts exactly the arrays ``layer`` does (to check before writing)."""
     if _FLAVOUR_OF[type(layer)][0] == "torch":
         return type(layer)(layer.num_features, affine=layer.affine,
-                           track_running_stats=layer.track_running_stats, dtype=layer.dtype)
+                           track_running_stats=layer.track_running_stats, dtype=layer.dtype,
+                           bias=layer.bias is not None or not layer.affine)
     return type(layer)(layer.num_features, dtype=layer.dtype)
 
 
@@ -519,6 +523,8 @@ def _load_into(path, document, arrays, into):
         unexpected = []
         for key in document["arrays"]:
             prefix, _, leaf = key.rpartition(".") if isinstance(into, Mapping) else (None, "", key)
+            if prefix not in groups and prefix.endswith(".bn2d"):  # MindSpore's BatchNorm3d
+                prefix, leaf = prefix[:-len(".bn2d")], "bn2d." + leaf
             if prefix in groups:
                 groups[prefix][leaf] = arrays[key]
             else:

@@ -798,3 +798,26 @@ def test_a_loader_racing_a_saver_sees_one_file_or_the_other(tmp_path, monkeypatc
     monkeypatch.setattr(os, "fstat", fstat_then_replace)
     assert isinstance(cbn.load(path), cbn.BatchNorm1d)
     assert isinstance(cbn.load(path), dict)
+
+
+@pytest.mark.parametrize("cls", [cbn.BatchNorm2d, cbn.SyncBatchNorm])
+def test_a_layer_without_bias_round_trips(tmp_path, cls):
+    layer = cls(3, bias=False)
+    layer.weight[...] = [1.5, 2.0, 0.5]
+    cbn.save(tmp_path / "bn.st", layer)
+    loaded = cbn.load(tmp_path / "bn.st")
+    assert loaded.bias is None and np.array_equal(loaded.weight, layer.weight)
+    target = cls(3, bias=False)
+    cbn.load(tmp_path / "bn.st", into=target)
+    assert np.array_equal(target.weight, layer.weight)
+
+
+def test_mindspore_batchnorm3d_arrays_from_a_plain_file_load_into_a_dict(tmp_path):
+    """MindSpore's real BatchNorm3d names (``layer.bn2d.gamma``) find their layer by name."""
+    from safetensors.numpy import save_file
+    names = ("gamma", "beta", "moving_mean", "moving_variance")
+    save_file({f"layer.bn2d.{n}": np.full(2, i + 2.0, np.float32) for i, n in enumerate(names)},
+              str(tmp_path / "ms.st"))
+    target = {"layer": ms.BatchNorm3d(2)}
+    cbn.load(tmp_path / "ms.st", into=target)
+    assert np.array_equal(target["layer"].moving_variance, [5.0, 5.0])
