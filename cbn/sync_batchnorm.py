@@ -24,17 +24,35 @@ class GlobalStats:
     """The collectives of one synchronised layer: statistics forward, gradient sums backward.
 
     Shared by ``cbn.SyncBatchNorm`` and ``cbn.torch.SyncBatchNorm``.  Each is
-    one ``Allreduce`` of a float64 buffer that starts with the error slots of
-    ``comm.Collective``: forward ``[count | sum(x - shift) | sum((x - shift)**2)]``,
-    backward ``[sum(dy) | sum(dy * (x - mean))]``.  A rank whose input is bad
-    joins the same collective with its error flagged (``fail_forward``,
+    one Allreduce of a float64 buffer that starts with the self-checking
+    header of ``comm.Collective``: forward ``[count | sum(x - shift) |
+    sum((x - shift)**2)]``, backward ``[sum(dy) | sum(dy * (x - mean)) | 0]``
+    (the same length, so that a rank one call out of step is named, not
+    mixed in).  The layer's first collective is a header-only handshake that
+    checks ``num_features`` on every rank.  A rank whose input is bad joins
+    the same collective with its error flagged (``fail_forward``,
     ``fail_backward``), so every rank raises and none waits.
+
+    ``dtype``: the layer's dtype, checked across ranks (None: the dtype of
+    each forward's input).
     """
 
-    def __init__(self, group, num_features):
+    def __init__(self, group, num_features, dtype=None):
         self.group = group                         # a comm.Collective
         self.num_features = num_features
+        self.dtype = dtype
+        self._dtype = dtype                        # checked in this layer's collectives
+        self._length = 1 + 2 * num_features        # payload of both collectives
+        self._shaken = False                       # did the handshake succeed?
         self.last_mean = np.zeros(num_features)    # the shift without running statistics
+
+    def _handshake(self, kind, error=None):
+        """Before the first payload: every rank's num_features agree (else raise everywhere)."""
+        if not self._shaken:
+            self.group.check(_comm.HANDSHAKE, length=self._length, tag=self.num_features,
+                             error=error, describe=f"num_features={self.num_features} "
+                             f"({_comm.KIND_NAMES[kind]})")
+            self._shaken = True
 
     def moments(self, batch, running_mean=None):
         """(count, s, q, shift) of the global batch, or (0, None, None, None) if it is empty.
@@ -44,14 +62,18 @@ class GlobalStats:
         the last global batch.  Raises PyTorch's error on every rank when the
         global batch has one value per channel.
         """
+        self._handshake(_comm.FORWARD)
         group, c = self.group, self.num_features
+        if self.dtype is None:
+            self._dtype = getattr(batch, "result_dtype", batch.dtype)
         shift = running_mean.astype(np.float64) if running_mean is not None else self.last_mean
-        buf = group.buffer(1 + 2 * c)
-        values = buf[group.size:]
+        buf = group.buffer(self._length)
+        values = buf[_comm.HEADER:]
         if batch.count:
             values[0] = batch.count
             values[1:1 + c], values[1 + c:] = _layout.moments(batch, shift, kernel_threads())
-        values = group.sum(buf)
+        values = group.sum(buf, _comm.FORWARD, tag=c, dtype=self._dtype,
+                           describe=f"num_features={c}")
         count = int(round(values[0]))
         if count == 0:
             return 0, None, None, None
@@ -64,21 +86,28 @@ class GlobalStats:
 
     def reduce_grad_sums(self, sum_dy, sum_dy_xc):
         """The global (sum(dy), sum(dy * (x - mean))) from the local ones: one Allreduce."""
+        self._handshake(_comm.BACKWARD)
         group, c = self.group, self.num_features
-        buf = group.buffer(2 * c)
-        buf[group.size:group.size + c] = sum_dy
-        buf[group.size + c:] = sum_dy_xc
-        values = group.sum(buf)
-        return values[:c].copy(), values[c:].copy()
+        buf = group.buffer(self._length)
+        values = buf[_comm.HEADER:]
+        values[:c] = sum_dy
+        values[c:2 * c] = sum_dy_xc
+        values = group.sum(buf, _comm.BACKWARD, tag=c, dtype=self._dtype,
+                           describe=f"num_features={c}")
+        return values[:c].copy(), values[c:2 * c].copy()
 
     def fail_forward(self, error):
         """Join the forward collective with ``error`` flagged: raises it on every rank."""
-        self.group.sum(self.group.buffer(1 + 2 * self.num_features), error=error)
-        raise AssertionError("unreachable: the collective raises")  # pragma: no cover
+        self._fail(_comm.FORWARD, error)
 
     def fail_backward(self, error):
         """Join the backward collective with ``error`` flagged: raises it on every rank."""
-        self.group.sum(self.group.buffer(2 * self.num_features), error=error)
+        self._fail(_comm.BACKWARD, error)
+
+    def _fail(self, kind, error):
+        self._handshake(kind, error)  # the first call's error travels in the handshake
+        self.group.sum(self.group.buffer(self._length), kind, tag=self.num_features,
+                       dtype=self._dtype, error=error)
         raise AssertionError("unreachable: the collective raises")  # pragma: no cover
 
 
@@ -89,10 +118,14 @@ class SyncBatchNorm(_BatchNorm):
     ``running = (1 - momentum) * running + momentum * batch`` on every rank.
 
     Parameters are those of ``cbn.BatchNorm2d`` plus ``process_group`` (an
-    mpi4py communicator; None: ``MPI.COMM_WORLD`` when mpi4py is installed,
-    else a single process) and ``timeout`` (seconds a collective waits for the
-    slowest rank before raising ``TimeoutError``; default 300, or the
-    ``CBN_SYNC_TIMEOUT`` environment variable).
+    mpi4py communicator or a torch.distributed ProcessGroup; None:
+    torch.distributed's WORLD when initialised, else ``MPI.COMM_WORLD`` when
+    mpi4py is installed, else a single process; ``"local"``
+    (``cbn.comm.LOCAL``): this process alone, on purpose) and ``timeout``
+    (seconds a collective waits for the slowest rank before raising
+    ``TimeoutError``; default 300, or the ``CBN_SYNC_TIMEOUT`` environment
+    variable).  When the launcher says this process is one of several but
+    the group resolved has one process, the first training forward raises.
 
     Every rank must call every SyncBatchNorm layer the same number of times
     in training (forward, and backward if any rank calls it), in the same
@@ -104,9 +137,9 @@ class SyncBatchNorm(_BatchNorm):
                  track_running_stats=True, process_group=None, dtype=np.float32,
                  timeout=None):
         super().__init__(num_features, eps, momentum, affine, track_running_stats, dtype)
-        if timeout is not None and not timeout > 0:
-            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        self.process_group = process_group
+        if timeout is not None:
+            _comm.check_timeout(timeout)
+        self.process_group = _comm.check_process_group(process_group)
         self.timeout = timeout
         self._global = None       # GlobalStats, or False for a single process
         self._synced = False      # did the last forward synchronise?
@@ -117,7 +150,8 @@ class SyncBatchNorm(_BatchNorm):
         """The GlobalStats of this layer's process group, or None for a single process."""
         if self._global is None:
             group = _comm.collective(self.process_group, self.timeout)
-            self._global = False if group is None else GlobalStats(group, self.num_features)
+            self._global = False if group is None else \
+                GlobalStats(group, self.num_features, dtype=self.dtype)
         return self._global or None
 
     def _syncs(self):
@@ -133,7 +167,7 @@ class SyncBatchNorm(_BatchNorm):
             batch = self._batch(x)
             if out is not None:
                 _layout.check_out(batch, out)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any error travels to every rank
             self._global_stats().fail_forward(exc)
         self._synced = True
         return self._forward(batch, out)
@@ -156,7 +190,7 @@ class SyncBatchNorm(_BatchNorm):
             dy = _layout.like(saved.x, grad_output)
             if out is not None:
                 _layout.check_out(saved.x, out)
-        except (TypeError, ValueError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any error travels to every rank
             self._global_stats().fail_backward(exc)
         return super().backward(dy, out)
 
