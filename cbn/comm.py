@@ -528,12 +528,12 @@ class Collective:
                 f"collective (call {call}). Every rank must call every SyncBatchNorm layer "
                 f"the same number of times in training. The collective stays pending: "
                 f"abort the job (it cannot be cancelled).") from None
-        self._verify(buf[:HEADER], mine, fields, error, describe)
+        self._verify(buf[:HEADER], mine, fields, error, describe, buf.size == HEADER)
         return buf[HEADER:]
 
     # -- reading the header --
 
-    def _verify(self, total, mine, fields, error, describe):
+    def _verify(self, total, mine, fields, error, describe, header_only):
         n = self.size
         differs = []
         i = 0
@@ -547,10 +547,12 @@ class Collective:
         failed = int(round(errors[:, 0].sum()))
         if not differs and not failed:
             return
-        if "length" in differs:
+        if "length" in differs and not header_only:
             # Payloads of different lengths: the transport may not have
             # completed on every rank, so no second exchange is safe.
             self._raise_length(fields, total)
+        if "tag" in differs and "length" in differs:
+            differs.remove("length")  # num_features says it in the user's words
         rows = self._gather(fields, error)
         if failed:
             self._raise_error(rows, errors, error)
@@ -605,10 +607,12 @@ class Collective:
             shown = ", ".join(f"{self._show(name, v, rows)} on rank(s) {ranks}"
                               for v, ranks in groups.items())
             parts.append(f"{self._field_name(name, fields[0])} differs ({shown})")
-        hint = (" Every rank must call the same SyncBatchNorm layers (same num_features and "
-                "dtype) in the same order, the same number of times, forward and backward, "
-                "in training.") if fields[0] != GROUPS else \
-            " Every rank must pass the same process_groups."
+        hint = {GROUPS: " Every rank must pass the same process_groups.",
+                GRADIENTS: " Every rank must call allreduce_gradients with the same model "
+                           "structure."}.get(
+            fields[0], " Every rank must call the same SyncBatchNorm layers (same "
+                       "num_features and dtype) in the same order, the same number of times, "
+                       "forward and backward, in training.")
         mine = f" This rank has {describe}." if describe else ""
         raise GroupError(f"SyncBatchNorm: the ranks of the process group (size {self.size}) "
                          f"are not in the same collective: {'; '.join(parts)}. Nothing was "
@@ -623,6 +627,8 @@ class Collective:
         if name == "tag":
             return {GRADIENTS: "the number of parameters", GROUPS: "process_groups"}.get(
                 kind, "num_features")
+        if name == "length":
+            return "the number of gradient values" if kind == GRADIENTS else "the payload length"
         return name
 
     @staticmethod
