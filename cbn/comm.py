@@ -98,8 +98,13 @@ def dtype_code(dtype):
     """The header's code of a NumPy or torch dtype (0: none)."""
     if dtype is None:
         return 0
-    name = str(dtype).replace("torch.", "")
-    return DTYPE_CODES.get(name, 0)
+    name = str(dtype)
+    if name.startswith("torch."):
+        return DTYPE_CODES.get(name[len("torch."):], 0)
+    try:
+        return DTYPE_CODES.get(np.dtype(dtype).name, 0)
+    except TypeError:
+        return 0
 
 
 # --- validation -------------------------------------------------------------------
@@ -170,9 +175,7 @@ def check_process_group(process_group):
 # --- MPI --------------------------------------------------------------------------
 
 def mpi():
-    """The mpi4py.MPI module, or None when mpi4py is not installed (or hidden)."""
-    if os.environ.get("CBN_HIDE_MPI4PY") == "1":  # tests: behave as if mpi4py were missing
-        return None
+    """The mpi4py.MPI module, or None when mpi4py is not installed."""
     try:
         from mpi4py import MPI
     except ImportError:
@@ -331,7 +334,9 @@ def _check_not_a_silent_singleton(transport):
         got = "MPI.COMM_WORLD has 1 process"
     else:
         got = "the torch.distributed world has 1 process"
-    if variable == "WORLD_SIZE":
+    if transport is None and variable != "WORLD_SIZE":
+        fix = "install mpi4py (pip install mpi4py mpich, or `pip install cbn[mpi]`)"
+    elif variable == "WORLD_SIZE":
         fix = ("call torch.distributed.init_process_group('gloo') before training (or pass "
                "process_group=<a torch.distributed ProcessGroup or mpi4py communicator>)")
     else:
