@@ -44,6 +44,7 @@ class GlobalStats:
         self._dtype = dtype                        # checked in this layer's collectives
         self._length = 1 + 2 * num_features        # payload of both collectives
         self._shaken = False                       # did the handshake succeed?
+        self._describe = f"num_features={num_features}"
         self.last_mean = np.zeros(num_features)    # the shift without running statistics
 
     def _handshake(self, kind, error=None):
@@ -73,7 +74,7 @@ class GlobalStats:
             values[0] = batch.count
             values[1:1 + c], values[1 + c:] = _layout.moments(batch, shift, kernel_threads())
         values = group.sum(buf, _comm.FORWARD, tag=c, dtype=self._dtype,
-                           describe=f"num_features={c}")
+                           describe=self._describe)
         count = int(round(values[0]))
         if count == 0:
             return 0, None, None, None
@@ -93,7 +94,7 @@ class GlobalStats:
         values[:c] = sum_dy
         values[c:2 * c] = sum_dy_xc
         values = group.sum(buf, _comm.BACKWARD, tag=c, dtype=self._dtype,
-                           describe=f"num_features={c}")
+                           describe=self._describe)
         return values[:c].copy(), values[c:2 * c].copy()
 
     def fail_forward(self, error):

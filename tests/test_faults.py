@@ -60,3 +60,27 @@ def test_the_abort_hook_can_be_turned_off():
     assert "aborting the job" not in done.stderr, done.stderr
     assert "rank 0 TimeoutError" in done.stdout, (done.stdout, done.stderr)
     assert seconds >= 3
+
+
+GUARD = """
+import sys
+sys.modules["mpi4py"] = None  # as if mpi4py were not installed
+import numpy as np, cbn
+layer = cbn.SyncBatchNorm(3)
+try:
+    layer(np.ones((4, 3)) * np.arange(4)[:, None])
+except RuntimeError as exc:
+    assert layer.num_batches_tracked == 0
+    print("RAISED", exc, flush=True)
+else:
+    print("TRAINED ALONE", flush=True)
+"""
+
+
+def test_mpiexec_without_mpi4py_raises_instead_of_local_statistics():
+    command = [*mpiexec_command(2), sys.executable, "-c", GUARD]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60, env=mpi_env(),
+                          cwd=ROOT)
+    assert done.stdout.count("RAISED") == 2, (done.stdout, done.stderr)
+    assert "PMI_SIZE=2" in done.stdout or "OMPI_COMM_WORLD_SIZE=2" in done.stdout
+    assert "install mpi4py" in done.stdout
