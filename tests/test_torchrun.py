@@ -65,3 +65,8 @@ def test_torchrun_example_check():
     out = torchrun(2, EXAMPLE, "--check", "--epochs", "2")
     print(out)
     assert "check passed" in out, out
+
+
+def test_torchrun_a_process_that_never_arrives_times_out():
+    out = torchrun(2, CHECKS, "timeout", timeout=120)
+    assert "OK timeout after" in out, out

@@ -170,6 +170,28 @@ def check_bad_input():
         print(f"OK bad_input on {size} processes", flush=True)
 
 
+def check_timeout():
+    """A process that never arrives: TimeoutError on the other after ``timeout`` seconds."""
+    import time
+    rank = dist.get_rank()
+    if rank == 0:
+        layer = ct.SyncBatchNorm(3, timeout=1.5)
+        start = time.monotonic()
+        try:
+            layer(torch.randn(4, 3))
+        except TimeoutError as exc:
+            waited = time.monotonic() - start
+            assert 1.4 < waited < 10, waited
+            assert "same number of times" in str(exc), str(exc)
+            print(f"OK timeout after {waited:.1f} s: {exc}", flush=True)
+        else:
+            raise AssertionError("expected TimeoutError")
+    else:
+        time.sleep(4)  # alive, never calling the layer
+    sys.stdout.flush()
+    os._exit(0)  # the all_reduce stays pending on rank 0: leave without tearing down gloo
+
+
 def check_guard():
     """Without init_process_group: the launcher says several, the world resolved has one."""
     layer = ct.SyncBatchNorm(3)
