@@ -625,8 +625,8 @@ class Collective:
         kind = _ERROR_CLASSES[kinds.pop()] if len(kinds) == 1 and \
             max(codes[failed]) - 1 < len(_ERROR_CLASSES) else RuntimeError
         details = "; ".join(f"rank {r}: {self._message(rows[r])}" for r in failed[:8])
-        raise kind(f"SyncBatchNorm: bad input on rank(s) {failed} of the process group "
-                   f"(size {self.size}); every rank raises. {details}")
+        raise kind(f"SyncBatchNorm: rank(s) {failed} of the process group (size {self.size}) "
+                   f"failed (bad input or state there); every rank raises. {details}")
 
     def _raise_mismatch(self, differs, rows, fields, describe):
         parts = []

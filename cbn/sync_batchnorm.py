@@ -67,12 +67,18 @@ class GlobalStats:
         group, c = self.group, self.num_features
         if self.dtype is None:
             self._dtype = getattr(batch, "result_dtype", batch.dtype)
-        shift = running_mean.astype(np.float64) if running_mean is not None else self.last_mean
-        buf = group.buffer(self._length)
-        values = buf[_comm.HEADER:]
-        if batch.count:
-            values[0] = batch.count
-            values[1:1 + c], values[1 + c:] = _layout.moments(batch, shift, kernel_threads())
+        try:
+            shift = np.asarray(running_mean if running_mean is not None else self.last_mean,
+                               dtype=np.float64)
+            if shift.shape != (c,):
+                raise ValueError(f"running_mean must have shape ({c},), got {shift.shape}")
+            buf = group.buffer(self._length)
+            values = buf[_comm.HEADER:]
+            if batch.count:
+                values[0] = batch.count
+                values[1:1 + c], values[1 + c:] = _layout.moments(batch, shift, kernel_threads())
+        except Exception as exc:  # noqa: BLE001 - the others are entering the collective
+            self._fail(_comm.FORWARD, exc)
         values = group.sum(buf, _comm.FORWARD, tag=c, dtype=self._dtype,
                            describe=self._describe)
         count = int(round(values[0]))
@@ -91,8 +97,11 @@ class GlobalStats:
         group, c = self.group, self.num_features
         buf = group.buffer(self._length)
         values = buf[_comm.HEADER:]
-        values[:c] = sum_dy
-        values[c:2 * c] = sum_dy_xc
+        try:
+            values[:c] = sum_dy
+            values[c:2 * c] = sum_dy_xc
+        except Exception as exc:  # noqa: BLE001 - the others are entering the collective
+            self._fail(_comm.BACKWARD, exc)
         values = group.sum(buf, _comm.BACKWARD, tag=c, dtype=self._dtype,
                            describe=self._describe)
         return values[:c].copy(), values[c:2 * c].copy()
@@ -144,6 +153,7 @@ class SyncBatchNorm(_BatchNorm):
         self.timeout = timeout
         self._global = None       # GlobalStats, or False for a single process
         self._synced = False      # did the last forward synchronise?
+        self._joined = False      # did this step's collective start (errors after it stay local)?
 
     # --- the process group -----------------------------------------------
 
@@ -171,11 +181,18 @@ class SyncBatchNorm(_BatchNorm):
         except Exception as exc:  # noqa: BLE001 - any error travels to every rank
             self._global_stats().fail_forward(exc)
         self._synced = True
-        return self._forward(batch, out)
+        self._joined = False
+        try:
+            return self._forward(batch, out)
+        except Exception as exc:  # noqa: BLE001
+            if not self._joined:  # failed before the collective: the others are waiting in it
+                self._global_stats().fail_forward(exc)
+            raise
 
     def _batch_moments(self, batch):
         if not self._synced:
             return super()._batch_moments(batch)
+        self._joined = True
         return self._global_stats().moments(
             batch, self.running_mean if self.track_running_stats else None)
 
@@ -193,10 +210,23 @@ class SyncBatchNorm(_BatchNorm):
                 _layout.check_out(saved.x, out)
         except Exception as exc:  # noqa: BLE001 - any error travels to every rank
             self._global_stats().fail_backward(exc)
-        return super().backward(dy, out)
+        self._joined = False
+        try:
+            return super().backward(dy, out)
+        except Exception as exc:  # noqa: BLE001
+            if not self._joined:  # failed before the collective: the others are waiting in it
+                self._global_stats().fail_backward(exc)
+            raise
 
     def _reduce_grad_sums(self):
-        return self._global_stats().reduce_grad_sums if self._synced else None
+        if not self._synced:
+            return None
+        reduce = self._global_stats().reduce_grad_sums
+
+        def joined(sum_dy, sum_dy_xc):
+            self._joined = True
+            return reduce(sum_dy, sum_dy_xc)
+        return joined
 
     # --- conversion ------------------------------------------------------
 
@@ -209,6 +239,11 @@ class SyncBatchNorm(_BatchNorm):
         statistics are shared with the replaced layer, as PyTorch does.
         """
         return _convert(obj, cls, process_group, {})
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_global"] = None  # the communicator handle is rebuilt on first use
+        return state
 
     def __repr__(self):
         return super().__repr__()[:-1] + f", process_group={self.process_group!r})"

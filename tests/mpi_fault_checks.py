@@ -186,6 +186,29 @@ def check_error_types():
            "tensor requiring grad on one rank", [layer])
 
 
+def check_error_inside_the_step():
+    """Errors raised inside the training step on one rank, before its collective."""
+    layer = trained()
+    good = layer.running_mean
+    if RANK == LAST:
+        layer.running_mean = np.zeros(2, np.float32)  # the wrong shape, set by hand
+    expect(ValueError, lambda: layer(data()), ["running_mean", f"{LAST}"],
+           "running_mean of the wrong shape on one rank", [layer])
+    layer.running_mean = good
+    original = layer._forward
+
+    def failing(batch, out=None):
+        raise MemoryError("injected inside _forward")
+    if RANK == 0:
+        layer._forward = failing
+    expect(MemoryError if RANK == 0 else RuntimeError, lambda: layer(data()),
+           ["MemoryError" if RANK != 0 else "injected", "0"],
+           "an error inside the step on one rank", [layer])
+    layer._forward = original
+    layer(data())  # still works
+    layer.backward(np.ones((4, 3), np.float32))
+
+
 def check_backward_error_types():
     layer = trained()
     layer(data())

@@ -245,5 +245,17 @@ def check_convert():
     compare((10, 4, 3), np.float32)
 
 
+def check_header_size():
+    """The header of every collective has one size, whatever the number of ranks."""
+    from cbn import comm
+    layer = cbn.SyncBatchNorm(3)
+    layer(np.random.default_rng(RANK).standard_normal((4, 3)))
+    group = layer._global_stats().group
+    sizes = WORLD.allgather(group.buffer(0).nbytes)
+    assert sizes == [comm.HEADER_BYTES] * SIZE == [208] * SIZE, sizes
+    if RANK == 0:
+        print(f"header bytes on {SIZE} ranks: {sizes[0]}", flush=True)
+
+
 if __name__ == "__main__":
     run_checks(globals())
