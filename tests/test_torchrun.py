@@ -50,9 +50,10 @@ def torchrun(n, script, *args, timeout=240):
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_torchrun_equals_one_process_on_the_global_batch(n):
-    out = torchrun(n, CHECKS, "equality", "ddp", "bad_input")
+    checks = ("equality", "ddp", "subgroup_and_gradients", "bad_input")
+    out = torchrun(n, CHECKS, *checks)
     print(out)
-    for check in ("equality", "ddp", "bad_input"):
+    for check in checks:
         assert f"OK {check} on {n} processes" in out, out
 
 

@@ -147,6 +147,42 @@ def check_ddp():
     worst.report("ddp")
 
 
+def check_subgroup_and_gradients():
+    """A torch.distributed sub-group synchronises only its members; allreduce_gradients over
+    the default group (torch's WORLD) averages like dist.all_reduce."""
+    rank, size = dist.get_rank(), dist.get_world_size()
+    worst = Worst()
+    members = [r for r in range(size) if r != 1] if size >= 3 else list(range(size))
+    group = dist.new_group(members)  # collective over the world: every process calls it
+    if rank in members:
+        n, c = 11, 3
+        lo, hi = shard_bounds(n, len(members), members.index(rank), empty=False)
+        gen = torch.Generator().manual_seed(5)
+        layer = ct.SyncBatchNorm(c, process_group=group).double()
+        ref = torch.nn.BatchNorm1d(c).double()
+        for _ in range(2):
+            x = torch.randn(n, c, 4, generator=gen, dtype=torch.float64)
+            worst.add(layer(x[lo:hi]).detach(), ref(x)[lo:hi].detach(), 1e-12, "sub-group")
+            worst.add(layer.running_var, ref.running_var, 1e-12, "sub-group running_var")
+    else:  # alone in its part of the world: an explicit group of one is local statistics
+        alone = "local"
+        x = torch.randn(5, 3, dtype=torch.float64)
+        layer = ct.SyncBatchNorm(3, process_group=alone).double()
+        worst.add(layer(x).detach(), torch.nn.BatchNorm1d(3).double()(x).detach(), 1e-12,
+                  "local")
+    model = torch.nn.Linear(3, 2).double()
+    torch.manual_seed(rank)
+    model(torch.randn(4, 3, dtype=torch.float64)).sum().backward()
+    expected = [p.grad.clone() for p in model.parameters()]
+    for e in expected:
+        dist.all_reduce(e)
+        e /= size
+    ct.allreduce_gradients(model)  # default: torch.distributed's WORLD
+    for p, e in zip(model.parameters(), expected):
+        worst.add(p.grad, e, 1e-14, "allreduce_gradients")
+    worst.report("subgroup_and_gradients")
+
+
 def check_bad_input():
     rank, size = dist.get_rank(), dist.get_world_size()
     layer = ct.SyncBatchNorm(3, timeout=20)
