@@ -243,3 +243,12 @@ def test_no_silent_singleton(variable, hide):
 def test_a_single_process_without_launcher_trains():
     done = run_python(GUARD.format(hide=True, group=None))
     assert "TRAINED" in done.stdout, (done.stdout, done.stderr)
+
+
+def test_an_explicit_group_of_one_is_not_a_silent_singleton():
+    pytest.importorskip("mpi4py")
+    code = GUARD.replace("import numpy as np, cbn", "import numpy as np, cbn\nfrom mpi4py import MPI")
+    done = run_python(code.format(hide=False, group="MPI.COMM_SELF"), PMI_SIZE="2")
+    assert "TRAINED" in done.stdout, (done.stdout, done.stderr)
+    world = run_python(code.format(hide=False, group="MPI.COMM_WORLD"), PMI_SIZE="2")
+    assert "RAISED" in world.stdout and "PMI_SIZE=2" in world.stdout, (world.stdout, world.stderr)
