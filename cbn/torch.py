@@ -205,9 +205,7 @@ class SyncBatchNorm(_TorchBatchNorm):
                  bias=True, timeout=None):
         if device is not None and torch.device(device).type != "cpu":
             raise ValueError(f"cbn.torch.SyncBatchNorm runs on the CPU, got device={device!r}")
-        if process_group is not None and not hasattr(process_group, "Iallreduce"):
-            raise TypeError(f"process_group must be an mpi4py communicator (e.g. "
-                            f"MPI.COMM_WORLD.Split(...)), got {type(process_group).__name__}")
+        _comm.check_process_group(process_group)
         if timeout is not None and not timeout > 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
@@ -290,11 +288,14 @@ def allreduce_gradients(model, comm=None, average=True, timeout=None):
     ``grad = sum_r grad_r / size`` (``average=True``, as DistributedDataParallel)
     or ``sum_r grad_r`` (``average=False``: the gradient of the sum of the
     ranks' losses, e.g. when each rank's loss is its share of the global
-    batch's mean).  ``comm`` is an mpi4py communicator (None: the world; a
-    single process changes nothing).  Every rank must call it with the same
-    model structure.  Gradients travel in one float64 buffer; a parameter
-    without a gradient counts as zeros, and stays without one when no rank has one.
-    Returns ``model``.
+    batch's mean).  ``comm`` is an mpi4py communicator or a torch.distributed
+    ProcessGroup (None: as ``SyncBatchNorm``'s process_group; a single process
+    changes nothing).  Every rank must call it with the same model structure:
+    a header-only collective checks that first (the number of parameters and
+    values), then the gradients travel in one float64 buffer with the
+    self-checking header of ``cbn.comm``; a parameter without a gradient
+    counts as zeros, and stays without one when no rank has one.  An error on
+    one rank raises on every rank.  Returns ``model``.
     """
     group = _comm.collective(comm, timeout)
     if group is None:
@@ -302,8 +303,10 @@ def allreduce_gradients(model, comm=None, average=True, timeout=None):
     params = [p for p in model.parameters() if p.requires_grad]
     sizes = [p.numel() for p in params]
     k = len(params)
-    buf = group.buffer(k + sum(sizes))
-    has_grad, values = buf[group.size:group.size + k], buf[group.size + k:]
+    length = k + sum(sizes)
+    error = None
+    buf = group.buffer(length)
+    has_grad, values = buf[_comm.HEADER:_comm.HEADER + k], buf[_comm.HEADER + k:]
     try:
         offset = 0
         for i, (p, n) in enumerate(zip(params, sizes)):
@@ -314,9 +317,13 @@ def allreduce_gradients(model, comm=None, average=True, timeout=None):
                 has_grad[i] = 1
                 values[offset:offset + n].reshape(p.shape)[...] = _numpy(p.grad)
             offset += n
-    except (TypeError, ValueError) as exc:
-        group.sum(buf, error=exc)
-    total = group.sum(buf)
+    except Exception as exc:  # noqa: BLE001 - any error travels to every rank
+        error = exc
+    # Models may differ between ranks: agree on the layout (a header-only
+    # collective) before buffers of possibly different lengths travel.
+    group.check(_comm.GRADIENTS, length=length, tag=k, error=error,
+                describe=f"{k} parameters with {sum(sizes)} values")
+    total = group.sum(buf, _comm.GRADIENTS, tag=k)
     has_grad, values = total[:k], total[k:]
     if average:
         values /= group.size

@@ -66,14 +66,17 @@ def compare(shape, dtype, momentum=0.1, layout="contiguous", track=True, steps=3
         shard = x[lo:hi] if layout == "contiguous" else channels_last(x[lo:hi])
         calls = counting.calls
         y = sync(shard)
-        assert counting.calls == calls + per_call, "one Allreduce per training forward"
+        handshake = per_call if step == 0 else 0  # a layer's first collective: the header alone
+        assert counting.calls == calls + per_call + handshake, \
+            "one Allreduce per training forward"
         y_ref = ref(x)
         np.testing.assert_allclose(y, y_ref[lo:hi], **TOL[dtype], err_msg=f"output step {step}")
         assert y.shape == shard.shape and y.dtype == dtype
         if layout == "channels_last" and x.ndim >= 4 and hi > lo:
             assert np.moveaxis(y, 1, -1).flags.c_contiguous, "channels-last output"
         dx = sync.backward(dy[lo:hi])
-        assert counting.calls == calls + 2 * per_call, "one Allreduce per training backward"
+        assert counting.calls == calls + 2 * per_call + handshake, \
+            "one Allreduce per training backward"
         dx_ref = ref.backward(dy)
         np.testing.assert_allclose(dx, dx_ref[lo:hi], **TOL[dtype], err_msg=f"dx step {step}")
         if affine:
@@ -240,6 +243,18 @@ def check_convert():
     assert isinstance(layer, cbn.SyncBatchNorm) and isinstance(converted["head"][0], cbn.SyncBatchNorm)
     assert np.all(layer.running_mean == 5)
     compare((10, 4, 3), np.float32)
+
+
+def check_header_size():
+    """The header of every collective has one size, whatever the number of ranks."""
+    from cbn import comm
+    layer = cbn.SyncBatchNorm(3)
+    layer(np.random.default_rng(RANK).standard_normal((4, 3)))
+    group = layer._global_stats().group
+    sizes = WORLD.allgather(group.buffer(0).nbytes)
+    assert sizes == [comm.HEADER_BYTES] * SIZE == [208] * SIZE, sizes
+    if RANK == 0:
+        print(f"header bytes on {SIZE} ranks: {sizes[0]}", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def run_ranks(n, *checks):
 
 
 ALL = ["equality", "local_batchnorm_differs", "bad_input_on_one_rank",
-       "large_mean_accuracy", "process_groups", "convert"]
+       "large_mean_accuracy", "process_groups", "convert", "header_size"]
 
 
 @pytest.mark.parametrize("ranks", [2, 3, 4])
@@ -24,6 +24,7 @@ def test_sync_over_ranks_equals_one_batchnorm_on_the_global_batch(ranks):
     out = run_ranks(ranks, *ALL)
     for check in ALL:
         assert f"OK {check} on {ranks} ranks" in out, out
+    assert f"header bytes on {ranks} ranks: 208" in out, out
 
 
 def test_a_rank_that_never_arrives_times_out():
