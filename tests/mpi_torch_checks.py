@@ -146,7 +146,7 @@ def check_bad_input_on_one_rank():
     layer = ct.SyncBatchNorm(3, timeout=30)
     bad = SIZE - 1
     good = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(RANK))
-    for bad_x, kind, words in [(torch.ones(4, 5, 2), ValueError, "channels"),
+    for bad_x, kind, words in [(torch.ones(4, 5, 2), RuntimeError, "channels"),
                                (torch.ones(4, 3, dtype=torch.int32), TypeError, "floating"),
                                (torch.ones(3), ValueError, "2D")]:
         before = {k: v.clone() for k, v in layer.state_dict().items()}
