@@ -58,6 +58,7 @@ __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "allreduce_gradients", "ba
 _NUMPY_DTYPES = (torch.float32, torch.float64)
 _functorch_active = torch._C._are_functorch_transforms_active
 _forward_ad = torch.autograd.forward_ad
+_set_versions = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
 
 
 class ChannelError(RuntimeError, ValueError):
@@ -206,8 +207,12 @@ def _statistics(batch, running_mean, running_var, counter, use_batch_stats, mome
                 factor = 1.0 / int(counter)
         F.update_running(mean_np, var_np, mean, var, count, factor)
         for tensor, array in ((running_mean, mean_np), (running_var, var_np)):
-            if tensor is not None and tensor.dtype not in _NUMPY_DTYPES:
+            if tensor is None:
+                continue
+            if tensor.dtype not in _NUMPY_DTYPES:
                 tensor.copy_(torch.from_numpy(array))
+            elif _set_versions is not None:  # written through NumPy: tell autograd and caches
+                _set_versions((tensor,), (tensor._version + 1,))
     return mean, var, count
 
 
@@ -477,64 +482,76 @@ def _captured_batch_norm(input, weight, bias, running_mean, running_var, counter
 # --------------------------------------------------------------------------- dispatch
 
 def _portable(input):
-    """True when the graph being captured must hold standard operators only."""
-    return (torch.compiler.is_exporting() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export() or isinstance(input, torch.fx.Proxy))
+    """True when the graph being captured must hold standard operators only.
+
+    (The TorchScript ONNX exporter traces; the dynamo one exports.)
+    """
+    return (torch._C._get_tracing_state() is not None or torch.compiler.is_exporting()
+            or isinstance(input, torch.fx.Proxy))
 
 
-def _torch_semantics(tensors):
+def _torch_semantics(input, weight, bias):
     """True under torch.func transforms or forward-mode AD: torch's own batch_norm decides."""
     if _functorch_active():
         return True
     if _forward_ad._current_level >= 0:
         return any(t is not None and _forward_ad.unpack_dual(t).tangent is not None
-                   for t in tensors)
+                   for t in (input, weight, bias))
     return False
+
+
+def _torch_batch_norm(input, weight, bias, running_mean, running_var, counter, use_batch_stats,
+                      momentum, eps):
+    """torch.nn.BatchNorm's forward (``_BatchNorm.forward``), on torch's operator."""
+    factor = 0.0 if momentum is None else momentum
+    if use_batch_stats and counter is not None:
+        with torch.no_grad():
+            counter.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(counter)
+    return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                          use_batch_stats, factor, eps)
+
+
+def _captured(input, weight, bias, running_mean, running_var, counter, use_batch_stats,
+              momentum, eps, group):
+    """The graph of one batch norm for torch.compile, export, jit.trace and fx."""
+    if not use_batch_stats and not torch.compiler.is_dynamo_compiling() \
+            or not use_batch_stats and torch.compiler.is_exporting():
+        # eval: exactly torch's batch norm with the running statistics (runs anywhere)
+        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
+                                              False, 0.0, eps)
+    handle = 0 if group is None else group.handle
+    if torch.onnx.is_in_onnx_export():
+        if handle and group.global_stats() is not None:
+            raise RuntimeError("torch.onnx.export of a synchronising SyncBatchNorm in training "
+                               "mode is not supported: export the model in eval mode")
+        return _torch_batch_norm(input, weight, bias, running_mean, running_var, counter,
+                                 use_batch_stats, momentum, eps)
+    if handle and torch.jit.is_tracing() and group.global_stats() is None:
+        handle = 0  # one process: the traced graph runs in any process
+    return _captured_batch_norm(input, weight, bias, running_mean, running_var, counter,
+                                use_batch_stats, momentum, eps, handle)
 
 
 def _batch_norm(input, weight, bias, running_mean, running_var, counter, use_batch_stats,
                 momentum, eps, group, num_features):
     """Batch norm through whichever of the three paths the caller's context needs.
 
-    ``group`` is a _Group (or None: no synchronisation); the counter is a
-    tensor (or None).
+    ``group`` is a _Group (or None: no synchronisation; eval never
+    synchronises); the counter is a tensor (or None).
     """
     if torch.compiler.is_compiling() or _portable(input):
-        if not use_batch_stats and (torch.compiler.is_exporting() or not
-                                    torch.compiler.is_compiling()):
-            # eval: exactly torch's batch norm with the running statistics
-            return torch.nn.functional.batch_norm(input, running_mean, running_var, weight,
-                                                  bias, False, 0.0, eps)
-        handle = 0
-        if use_batch_stats and group is not None:
-            handle = group.handle
-            if torch.onnx.is_in_onnx_export():
-                handle = 0 if group.global_stats() is None else handle
-                if handle:
-                    raise RuntimeError("torch.onnx.export of a synchronising training "
-                                       "SyncBatchNorm is not supported: export in eval mode")
-            elif torch.jit.is_tracing() and group.global_stats() is None:
-                handle = 0  # one process: the traced graph runs anywhere
-        if torch.onnx.is_in_onnx_export():
-            return torch.nn.functional.batch_norm(
-                input, running_mean, running_var, weight, bias, use_batch_stats,
-                0.0 if momentum is None else momentum, eps)
-        return _captured_batch_norm(input, weight, bias, running_mean, running_var, counter,
-                                    use_batch_stats, momentum, eps, handle)
+        return _captured(input, weight, bias, running_mean, running_var, counter,
+                         use_batch_stats, momentum, eps, group if use_batch_stats else None)
     global_stats = group.global_stats() if use_batch_stats and group is not None else None
-    if _torch_semantics((input, weight, bias, running_mean, running_var)):
+    if _torch_semantics(input, weight, bias):
         if global_stats is not None:
             exc = RuntimeError("cbn.torch.SyncBatchNorm: torch.func transforms and forward-mode "
                                "AD are not supported in a synchronising training step")
             global_stats.fail_forward(exc)
-        if counter is not None:
-            with torch.no_grad():
-                counter.add_(1)
-        factor = momentum
-        if momentum is None and counter is not None:
-            factor = 1.0 / float(counter)
-        return torch.nn.functional.batch_norm(input, running_mean, running_var, weight, bias,
-                                              use_batch_stats, factor, eps)
+        return _torch_batch_norm(input, weight, bias, running_mean, running_var, counter,
+                                 use_batch_stats, momentum, eps)
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and
                                     weight.requires_grad) or (bias is not None and
                                                               bias.requires_grad)):
@@ -629,6 +646,8 @@ class SyncBatchNorm(_TorchBatchNorm):
     input on one rank raises on every rank.
     """
 
+    __jit_unused_properties__ = ["_global"]
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, process_group=None, device=None, dtype=None, *,
                  bias=True, timeout=None):
@@ -673,6 +692,15 @@ class SyncBatchNorm(_TorchBatchNorm):
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
+        if not self.training and self.running_var is not None and not (
+                torch.compiler.is_compiling() or _portable(input)
+                or _torch_semantics(input, self.weight, self.bias)
+                or torch.is_grad_enabled() and (
+                    input.requires_grad
+                    or self.weight is not None and self.weight.requires_grad
+                    or self.bias is not None and self.bias.requires_grad)):
+            return self._inference_forward(input)
+        self.__dict__["_eval_cache"] = None  # training writes the buffers through NumPy
         # torch's _BatchNorm.forward, with the counter advanced inside the
         # function once the statistics (and every rank) succeeded.
         use_batch_stats = self.training or (self.running_mean is None
@@ -685,6 +713,26 @@ class SyncBatchNorm(_TorchBatchNorm):
                            self.momentum, self.eps,
                            _GROUPS[self._group_handle] if self.training else None,
                            self.num_features)
+
+    @torch.jit.unused
+    def _inference_forward(self, input: Tensor) -> Tensor:
+        # Eval without autograd, the latency path: the NumPy views of the
+        # parameters and the float64 running statistics are kept between calls
+        # while the tensors (and their version counters) stay the same.
+        weight, bias, mean, var = self.weight, self.bias, self.running_mean, self.running_var
+        versions = (-1 if weight is None else weight._version,
+                    -1 if bias is None else bias._version, mean._version, var._version,
+                    self.eps)
+        cache = self.__dict__.get("_eval_cache")
+        if cache is None or cache[0] is not weight or cache[1] is not bias \
+                or cache[2] is not mean or cache[3] is not var or cache[4] != versions:
+            _check_eps(self.eps, False)
+            cache = (weight, bias, mean, var, versions, _numpy_f32(weight), _numpy_f32(bias),
+                     _numpy_f32(mean).astype(np.float64), _numpy_f32(var).astype(np.float64))
+            self.__dict__["_eval_cache"] = cache
+        batch = _input_batch(input, self.num_features)
+        y, _ = F.normalize(batch, cache[7], cache[8], cache[5], cache[6], self.eps)
+        return _output(input, y)
 
     def _scripted_forward(self, input: Tensor) -> Tensor:
         # TorchScript: eval is torch's batch norm (portable); training runs the
@@ -709,6 +757,7 @@ class SyncBatchNorm(_TorchBatchNorm):
         # The process group is resolved again after a copy or a pickle.
         state = self.__dict__.copy()
         state.pop("_group_handle", None)
+        state.pop("_eval_cache", None)
         return state
 
     def __setstate__(self, state):
