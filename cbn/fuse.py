@@ -10,6 +10,7 @@ merged into the weights of the layer that feeds it.  With
 and ``bn(layer(x)) == layer'(x)``: one pass over the data instead of two.
 
 Both flavours are accepted: ``cbn.BatchNorm1d/2d/3d`` and ``cbn.SyncBatchNorm``
+(and ``cbn.torch.SyncBatchNorm``, ``torch.nn.BatchNorm1d/2d/3d``)
 in eval mode (``weight``, ``bias``, ``running_mean``, ``running_var``, ``eps``;
 ``affine=False`` means gamma 1 and beta 0) and ``cbn.mindspore.BatchNorm1d/2d/3d``
 using their moving statistics (``gamma``, ``beta``, ``moving_mean``,
@@ -17,11 +18,22 @@ using their moving statistics (``gamma``, ``beta``, ``moving_mean``,
 statistics cannot be folded and raises ``ValueError``.
 
 The arithmetic is done in float64 and the results are returned in the dtype
-of the given weight; the given arrays are never written to.
+of the given weight; the given arrays are never written to.  Torch tensors
+(parameters that require grad included) are read detached.
 """
 import numpy as np
 
 __all__ = ["fuse_conv_bn", "fuse_linear_bn", "inference_scale_shift"]
+
+
+def _array(a, dtype=None):
+    """``a`` as an ndarray; a torch tensor is read detached (bfloat16 widened to float32)."""
+    if hasattr(a, "detach"):  # a torch tensor (torch itself is never imported here)
+        a = a.detach()
+        if str(a.dtype) == "torch.bfloat16":
+            a = a.float()
+        a = a.cpu().numpy()
+    return np.asarray(a, dtype=dtype)
 
 
 def _statistics(bn):
@@ -53,7 +65,7 @@ def _statistics(bn):
     else:
         raise TypeError(f"expected a cbn batch-norm layer (cbn.BatchNorm1d/2d/3d, "
                         f"cbn.SyncBatchNorm or cbn.mindspore.BatchNorm1d/2d/3d), got {name}")
-    as64 = (lambda a: np.asarray(a, dtype=np.float64))
+    as64 = (lambda a: _array(a, np.float64))
     return as64(gamma), as64(beta), as64(mean), as64(var), float(bn.eps)
 
 
@@ -70,7 +82,7 @@ def inference_scale_shift(bn):
 
 
 def _check_weight(weight):
-    weight = np.asarray(weight)
+    weight = _array(weight)
     if weight.dtype.kind != "f":
         raise TypeError(f"weight must be a floating-point array, got dtype {weight.dtype}")
     return weight
@@ -81,7 +93,7 @@ def _fused_bias(bias, out_channels, mean_shift, scale, dtype):
     if bias is None:
         bias64 = np.zeros(out_channels)
     else:
-        bias64 = np.asarray(bias, dtype=np.float64)
+        bias64 = _array(bias, np.float64)
         if bias64.shape != (out_channels,):
             raise ValueError(f"bias must have shape ({out_channels},) (one value per output "
                              f"channel), got shape {bias64.shape}")

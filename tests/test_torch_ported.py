@@ -525,3 +525,19 @@ def test_import_without_torch_says_what_to_install(torch, tmp_path):
     assert done.returncode != 0
     assert "ImportError" in done.stderr and "pip install torch" in done.stderr, done.stderr
     assert "download.pytorch.org/whl/cpu" in done.stderr
+
+
+@pytest.mark.parametrize("kind", ["cbn.torch", "torch.nn"])
+def test_fuse_reads_layers_whose_parameters_require_grad(torch, ct, kind):
+    import cbn.fuse
+    ref, layer = pair(torch, ct, "BatchNorm2d", 3, torch.float32)
+    bn = (layer if kind == "cbn.torch" else ref).eval()
+    assert bn.weight.requires_grad
+    conv = torch.nn.Conv2d(2, 3, 3)
+    weight, bias = cbn.fuse.fuse_conv_bn(conv.weight, conv.bias, bn)
+    fused = torch.nn.Conv2d(2, 3, 3)
+    with torch.no_grad():
+        fused.weight.copy_(torch.from_numpy(weight)), fused.bias.copy_(torch.from_numpy(bias))
+    x = torch.randn(2, 2, 6, 6)
+    assert close(torch, fused(x), bn(conv(x)), 1e-5)
+    assert bn.weight.requires_grad and bn.weight.grad is None  # read, not touched
