@@ -541,3 +541,30 @@ def test_fuse_reads_layers_whose_parameters_require_grad(torch, ct, kind):
     x = torch.randn(2, 2, 6, 6)
     assert close(torch, fused(x), bn(conv(x)), 1e-5)
     assert bn.weight.requires_grad and bn.weight.grad is None  # read, not touched
+
+
+def test_eval_latency_path_sees_every_change_of_the_state(torch, ct):
+    # the eval path keeps NumPy views between calls: any change must show
+    ref, layer = pair(torch, ct, "BatchNorm2d", 3)
+    ref.eval(), layer.eval()
+    x = torch.randn(4, 3, 2, 2, dtype=torch.float64)
+    with torch.no_grad():
+        assert close(torch, layer(x), ref(x))
+        for module in (ref, layer):
+            module.weight.mul_(2)                 # an optimiser step, in place
+        assert close(torch, layer(x), ref(x))
+        for module in (ref, layer):
+            module.running_var.fill_(3.0)
+        assert close(torch, layer(x), ref(x))
+        for module in (ref, layer):
+            module.bias = torch.nn.Parameter(torch.full((3,), 0.25, dtype=torch.float64))
+        assert close(torch, layer(x), ref(x))
+        state = {k: v * 1.5 if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+        ref.load_state_dict(state), layer.load_state_dict(state)
+        assert close(torch, layer(x), ref(x))
+        for module in (ref, layer):  # a training step updates the running statistics
+            module.train()(x * 3 + 1)
+            module.eval()
+        assert close(torch, layer(x), ref(x))
+        layer.eps = ref.eps = 0.5
+        assert close(torch, layer(x), ref(x))
