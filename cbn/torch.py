@@ -312,8 +312,11 @@ class _BatchNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, input, weight, bias, running_mean, running_var, counter, use_batch_stats,
-                momentum, eps, global_stats, num_features):
+    def forward(ctx, input, weight, bias, options):
+        # The buffers travel inside ``options`` (a tuple): autograd then does not
+        # set up, per call, the bookkeeping of five more tensor arguments.
+        (running_mean, running_var, counter, use_batch_stats, momentum, eps, global_stats,
+         num_features) = options
         y, saved = _forward(input, weight, bias, running_mean, running_var, counter,
                             use_batch_stats, momentum, eps, global_stats, num_features)
         ctx.state = saved
@@ -336,7 +339,22 @@ class _BatchNormFunction(torch.autograd.Function):
                                 ctx.use_batch_stats, ctx.eps, needs)
         else:
             grads = _backward(state, grad_output, global_stats, needs, ctx.dtypes)
-        return grads + (None,) * 8
+        return grads + (None,)
+
+
+class _EvalFunction(_BatchNormFunction):
+    """Eval with the running statistics already in float64 (``SyncBatchNorm``'s cache)."""
+
+    @staticmethod
+    def forward(ctx, input, weight, bias, options):
+        mean, var, weight_np, bias_np, eps, num_features = options
+        batch = _input_batch(input, num_features)
+        y, invstd = F.normalize(batch, mean, var, weight_np, bias_np, eps)
+        ctx.state = F.Saved(batch, mean, invstd, weight_np, False, batch.count)
+        ctx.global_stats, ctx.use_batch_stats, ctx.eps = None, False, eps
+        ctx.dtypes = (input.dtype,) + tuple(None if p is None else p.dtype for p in (weight, bias))
+        ctx.save_for_backward(input, weight, bias)
+        return _output(input, y)
 
 
 # --------------------------------------------------------------------------- registered operators
@@ -555,9 +573,9 @@ def _batch_norm(input, weight, bias, running_mean, running_var, counter, use_bat
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and
                                     weight.requires_grad) or (bias is not None and
                                                               bias.requires_grad)):
-        return _BatchNormFunction.apply(input, weight, bias, running_mean, running_var,
-                                        _numpy(counter), use_batch_stats, momentum, eps,
-                                        global_stats, num_features)
+        return _BatchNormFunction.apply(input, weight, bias, (
+            running_mean, running_var, _numpy(counter), use_batch_stats, momentum, eps,
+            global_stats, num_features))
     return _forward(input, weight, bias, running_mean, running_var, _numpy(counter),
                     use_batch_stats, momentum, eps, global_stats, num_features)[0]
 
@@ -692,34 +710,36 @@ class SyncBatchNorm(_TorchBatchNorm):
 
     @torch.jit.unused
     def _eager_forward(self, input: Tensor) -> Tensor:
-        if not self.training and self.running_var is not None and not (
+        # The tensors straight from the module's dicts: nn.Module.__getattr__
+        # costs about a microsecond per name, on a path that must stay short.
+        params, buffers = self._parameters, self._buffers
+        weight, bias = params.get("weight"), params.get("bias")
+        running_mean, running_var = buffers.get("running_mean"), buffers.get("running_var")
+        training = self.training
+        if not training and running_var is not None and not (
                 torch.compiler.is_compiling() or _portable(input)
-                or _torch_semantics(input, self.weight, self.bias)
-                or torch.is_grad_enabled() and (
-                    input.requires_grad
-                    or self.weight is not None and self.weight.requires_grad
-                    or self.bias is not None and self.bias.requires_grad)):
-            return self._inference_forward(input)
-        self.__dict__["_eval_cache"] = None  # training writes the buffers through NumPy
+                or _torch_semantics(input, weight, bias)):
+            return self._inference_forward(input, weight, bias, running_mean, running_var)
+        if training:
+            self.__dict__["_eval_cache"] = None  # training writes the buffers through NumPy
         # torch's _BatchNorm.forward, with the counter advanced inside the
         # function once the statistics (and every rank) succeeded.
-        use_batch_stats = self.training or (self.running_mean is None
-                                            and self.running_var is None)
-        keep = not self.training or self.track_running_stats
-        counter = self.num_batches_tracked if self.training and self.track_running_stats else None
-        return _batch_norm(input, self.weight, self.bias,
-                           self.running_mean if keep else None,
-                           self.running_var if keep else None, counter, use_batch_stats,
+        use_batch_stats = training or (running_mean is None and running_var is None)
+        keep = not training or self.track_running_stats
+        counter = buffers.get("num_batches_tracked") if training and self.track_running_stats \
+            else None
+        return _batch_norm(input, weight, bias, running_mean if keep else None,
+                           running_var if keep else None, counter, use_batch_stats,
                            self.momentum, self.eps,
-                           _GROUPS[self._group_handle] if self.training else None,
+                           _GROUPS[self._group_handle] if training else None,
                            self.num_features)
 
     @torch.jit.unused
-    def _inference_forward(self, input: Tensor) -> Tensor:
-        # Eval without autograd, the latency path: the NumPy views of the
-        # parameters and the float64 running statistics are kept between calls
-        # while the tensors (and their version counters) stay the same.
-        weight, bias, mean, var = self.weight, self.bias, self.running_mean, self.running_var
+    def _inference_forward(self, input: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                           mean: Tensor, var: Tensor) -> Tensor:
+        # Eval, the latency path: the NumPy views of the parameters and the
+        # float64 running statistics are kept between calls while the tensors
+        # (and their version counters) stay the same.
         versions = (-1 if weight is None else weight._version,
                     -1 if bias is None else bias._version, mean._version, var._version,
                     self.eps)
@@ -730,6 +750,12 @@ class SyncBatchNorm(_TorchBatchNorm):
             cache = (weight, bias, mean, var, versions, _numpy_f32(weight), _numpy_f32(bias),
                      _numpy_f32(mean).astype(np.float64), _numpy_f32(var).astype(np.float64))
             self.__dict__["_eval_cache"] = cache
+        if torch.is_grad_enabled() and (input.requires_grad
+                                        or weight is not None and weight.requires_grad
+                                        or bias is not None and bias.requires_grad):
+            return _EvalFunction.apply(input, weight, bias, (cache[7], cache[8], cache[5],
+                                                             cache[6], self.eps,
+                                                             self.num_features))
         batch = _input_batch(input, self.num_features)
         y, _ = F.normalize(batch, cache[7], cache[8], cache[5], cache[6], self.eps)
         return _output(input, y)
