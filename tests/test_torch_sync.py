@@ -19,7 +19,7 @@ from launch import run_ranks_script
 HERE = Path(__file__).parent
 CHECKS = HERE / "mpi_torch_checks.py"
 MPI_CHECKS = ["model_equality", "local_batchnorm_differs", "bad_input_on_one_rank",
-              "process_groups", "allreduce_gradients_average"]
+              "process_groups", "allreduce_gradients_average", "double_backward_refused"]
 REL_TOL = {"float32": 2e-5, "float64": 1e-12}
 
 
@@ -45,6 +45,14 @@ def test_converted_model_on_shards_equals_torch_model_on_the_global_batch(torch,
     out = run_ranks_script(ranks, CHECKS, *MPI_CHECKS)
     for check in MPI_CHECKS:
         assert f"OK {check} on {ranks} ranks" in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_compiled_model_on_shards_equals_torch_model_on_the_global_batch(torch, ranks):
+    # torch.compile(fullgraph=True): the collectives run inside cbn's registered operators
+    out = run_ranks_script(ranks, CHECKS, "compiled_model_equality", timeout=600)
+    assert f"OK compiled_model_equality on {ranks} ranks" in out, out
 
 
 # --- gradcheck -------------------------------------------------------------------
