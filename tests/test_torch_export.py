@@ -14,6 +14,11 @@ import pytest
 from torch_models import ResNet18, randomise_statistics
 
 
+# torch 2.13 deprecates TorchScript; these tests check it still works
+pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")]
+
+
 @pytest.fixture
 def ct(torch):
     import cbn.torch
