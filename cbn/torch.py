@@ -328,8 +328,13 @@ class _BatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        input, weight, bias = ctx.saved_tensors  # raises if the input changed since forward
         state, global_stats = ctx.state, ctx.global_stats
+        try:
+            input, weight, bias = ctx.saved_tensors  # raises if the input changed since forward
+        except BaseException as exc:
+            if global_stats is not None:  # the other ranks are waiting in the collective
+                global_stats.fail_backward(exc)
+            raise
         needs = ctx.needs_input_grad[:3]
         if torch.is_grad_enabled():  # create_graph=True: a differentiable backward
             if global_stats is not None:
@@ -570,6 +575,9 @@ def _batch_norm(input, weight, bias, running_mean, running_var, counter, use_bat
             global_stats.fail_forward(exc)
         return _torch_batch_norm(input, weight, bias, running_mean, running_var, counter,
                                  use_batch_stats, momentum, eps)
+    if not isinstance(input, torch.Tensor):  # raises TypeError (on every rank)
+        return _forward(input, weight, bias, running_mean, running_var, None,
+                        use_batch_stats, momentum, eps, global_stats, num_features)[0]
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and
                                     weight.requires_grad) or (bias is not None and
                                                               bias.requires_grad)):
@@ -750,6 +758,8 @@ class SyncBatchNorm(_TorchBatchNorm):
             cache = (weight, bias, mean, var, versions, _numpy_f32(weight), _numpy_f32(bias),
                      _numpy_f32(mean).astype(np.float64), _numpy_f32(var).astype(np.float64))
             self.__dict__["_eval_cache"] = cache
+        if not isinstance(input, torch.Tensor):
+            _check_input(input, self.num_features)  # torch's TypeError, naming the input
         if torch.is_grad_enabled() and (input.requires_grad
                                         or weight is not None and weight.requires_grad
                                         or bias is not None and bias.requires_grad):

@@ -151,6 +151,25 @@ def check_double_backward_refused():
     layer(x).sum().backward()  # and the layer still works
 
 
+def check_modified_input_on_one_rank():
+    """An input modified in place before backward, on one rank: every rank raises."""
+    layer = ct.SyncBatchNorm(3, timeout=30).double()
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    h = x * 1
+    y = layer(h)
+    if RANK == SIZE - 1:
+        with torch.no_grad():
+            h.add_(1)
+    try:
+        y.sum().backward()
+    except RuntimeError as exc:
+        expected = "modified by an inplace operation" if RANK == SIZE - 1 else f"[{SIZE - 1}]"
+        assert expected in str(exc), str(exc)
+    else:
+        raise AssertionError(f"rank {RANK}: the modified input on rank {SIZE - 1} must raise")
+    layer(x).sum().backward()  # and the layer still works
+
+
 def check_local_batchnorm_differs():
     """The point of it: the unconverted model on the shards gives other outputs."""
     lo, hi = shard_bounds(13, SIZE, RANK)

@@ -572,3 +572,12 @@ def test_eval_latency_path_sees_every_change_of_the_state(torch, ct):
         assert close(torch, layer(x), ref(x))
         layer.eps = ref.eps = 0.5
         assert close(torch, layer(x), ref(x))
+
+
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_layer_refuses_a_numpy_input_with_a_type_error(torch, ct, training):
+    np = pytest.importorskip("numpy")
+    layer = ct.SyncBatchNorm(3).train(training)
+    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+        layer(np.zeros((4, 3), np.float32))
+    assert int(layer.num_batches_tracked) == 0

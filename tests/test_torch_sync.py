@@ -19,7 +19,8 @@ from launch import run_ranks_script
 HERE = Path(__file__).parent
 CHECKS = HERE / "mpi_torch_checks.py"
 MPI_CHECKS = ["model_equality", "local_batchnorm_differs", "bad_input_on_one_rank",
-              "process_groups", "allreduce_gradients_average", "double_backward_refused"]
+              "process_groups", "allreduce_gradients_average", "double_backward_refused",
+              "modified_input_on_one_rank"]
 REL_TOL = {"float32": 2e-5, "float64": 1e-12}
 
 
