@@ -16,7 +16,10 @@ from torch_models import ResNet18, randomise_statistics
 
 # torch 2.13 deprecates TorchScript; these tests check it still works
 pytestmark = [pytest.mark.filterwarnings("ignore:`torch.jit.*is deprecated:DeprecationWarning"),
-              pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning")]
+              pytest.mark.filterwarnings("ignore:.*LeafSpec.*:FutureWarning"),
+              pytest.mark.filterwarnings("ignore:You are using the legacy TorchScript-based "
+                                         "ONNX export:DeprecationWarning"),
+              pytest.mark.filterwarnings("ignore:The feature will be removed:DeprecationWarning")]
 
 
 @pytest.fixture
