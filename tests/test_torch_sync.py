@@ -250,6 +250,7 @@ def test_copies_and_pickles_after_training(torch, ct):
     layer._global = GlobalStats(Collective(mpi.COMM_SELF), 3)  # as after a synchronised step
     twin = copy.deepcopy(layer)
     assert twin._global is None, "the communicator handle is rebuilt, not copied"
+    assert twin._group_handle != layer._group_handle, "two layers never share a handle"
     again = pickle.loads(pickle.dumps(layer))
     layer._global = None
     x = torch.randn(4, 3)
