@@ -700,7 +700,7 @@ class SyncBatchNorm(_TorchBatchNorm):
 
     @property
     def _global(self):
-        """The GlobalStats of the process group once resolved (False: one process, None: not yet)."""
+        """The resolved GlobalStats (False: one process; None: not resolved yet)."""
         return _GROUPS[self._group_handle].stats
 
     @_global.setter

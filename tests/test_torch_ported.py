@@ -52,7 +52,7 @@ def close(torch, a, b, tol=1e-10, floor=1e-6):
         scale, floor)
 
 
-# =========================================================================== test_nn.py
+# ============================================================ test_nn.py
 
 def test_batchnorm_raises_error_if_less_than_one_value_per_channel(torch, ct):
     x = torch.rand(10)[None, :, None]
@@ -62,7 +62,8 @@ def test_batchnorm_raises_error_if_less_than_one_value_per_channel(torch, ct):
 
 @pytest.mark.parametrize("argument", ["running_mean", "running_var", "weight", "bias"])
 def test_batchnorm_raises_error_if_argument_is_not_same_size_as_input(torch, ct, argument):
-    # test_batchnorm_raises_error_if_{running_mean,running_var,weight,bias}_is_not_same_size_as_input
+    # test_batchnorm_raises_error_if_{running_mean,running_var,weight,bias}
+    # _is_not_same_size_as_input
     x = torch.rand(2, 10)
     for size in (9, 11):
         args = {"running_mean": torch.rand(10), "running_var": torch.rand(10)}
@@ -239,7 +240,7 @@ def test_batchnorm_grad(torch, ct, training):
     assert torch.autograd.gradgradcheck(f, (x, weight, bias))
 
 
-# =========================================================================== common_modules.py / test_modules.py
+# ============================================================ common_modules.py / test_modules.py
 
 MODULE_INPUTS = [
     ("BatchNorm1d", (4, 10), {}), ("BatchNorm1d", (4, 10, 3), {}),
@@ -333,7 +334,7 @@ def test_modules_memory_format(torch, ct, shape):
     assert close(torch, y, ref(x))
 
 
-# =========================================================================== distributed_test.py (one process)
+# ============================================================ distributed_test.py (one process)
 
 def test_SyncBatchNorm_single_input_per_process_equals_BatchNorm(torch, ct):
     # _test_DistributedDataParallel_SyncBatchNorm with one process: a converted model
@@ -374,7 +375,8 @@ def test_SyncBatchNorm_diff_input_sizes_and_edge_batches(torch, ct, shape):
 def test_SyncBatchNorm_process_group_and_convert(torch, ct):
     # test_SyncBatchNorm_process_group: convert_sync_batchnorm passes the group to every layer
     mpi = pytest.importorskip("mpi4py.MPI")
-    model = torch.nn.Sequential(torch.nn.BatchNorm1d(2), torch.nn.Sequential(torch.nn.BatchNorm2d(2)))
+    model = torch.nn.Sequential(torch.nn.BatchNorm1d(2),
+                                torch.nn.Sequential(torch.nn.BatchNorm2d(2)))
     converted = ct.convert_sync_batchnorm(model, process_group=mpi.COMM_SELF)
     layers = [m for m in converted.modules() if isinstance(m, ct.SyncBatchNorm)]
     assert len(layers) == 2 and all(m.process_group is mpi.COMM_SELF for m in layers)
@@ -388,7 +390,7 @@ def test_SyncBatchNorm_no_channel_mismatch_silently(torch, ct):
         torch.nn.BatchNorm1d(3)(torch.randn(4, 5, 2))
 
 
-# =========================================================================== cbn.torch's own torch contract
+# ============================================================ cbn.torch's own torch contract
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
