@@ -8,6 +8,8 @@ batch-norm operator only.  Compilation is slow on a shared 2-core machine:
 the whole-model suites are ``slow``; one small layer per mode runs always.
 """
 import copy
+import subprocess
+import sys
 
 import pytest
 
@@ -206,6 +208,11 @@ def test_jit_trace_is_right_on_a_new_input_and_saves(torch, ct, tmp_path, traini
     torch.jit.save(traced, str(path))
     loaded = torch.jit.load(str(path))
     assert rel_error(loaded(x2), copy.deepcopy(reference)(x2)) < 1e-12
+    if not training:  # an eval graph holds torch's operator only: it loads without cbn
+        code = (f"import sys, torch; m = torch.jit.load({str(path)!r}); "
+                f"m(torch.randn(2, 3, 8, 8, dtype=torch.float64)); "
+                f"assert 'cbn' not in sys.modules")
+        subprocess.run([sys.executable, "-c", code], check=True, timeout=120, cwd=tmp_path)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
