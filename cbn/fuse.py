@@ -10,6 +10,7 @@ merged into the weights of the layer that feeds it.  With
 and ``bn(layer(x)) == layer'(x)``: one pass over the data instead of two.
 
 Both flavours are accepted: ``cbn.BatchNorm1d/2d/3d`` and ``cbn.SyncBatchNorm``
+(and ``cbn.torch.SyncBatchNorm``, ``torch.nn.BatchNorm1d/2d/3d``)
 in eval mode (``weight``, ``bias``, ``running_mean``, ``running_var``, ``eps``;
 ``affine=False`` means gamma 1 and beta 0) and ``cbn.mindspore.BatchNorm1d/2d/3d``
 using their moving statistics (``gamma``, ``beta``, ``moving_mean``,
@@ -17,11 +18,22 @@ using their moving statistics (``gamma``, ``beta``, ``moving_mean``,
 statistics cannot be folded and raises ``ValueError``.
 
 The arithmetic is done in float64 and the results are returned in the dtype
-of the given weight; the given arrays are never written to.
+of the given weight; the given arrays are never written to.  Torch tensors
+(parameters that require grad included) are read detached.
 """
 import numpy as np
 
 __all__ = ["fuse_conv_bn", "fuse_linear_bn", "inference_scale_shift"]
+
+
+def _array(a, dtype=None):
+    """``a`` as an ndarray; a torch tensor is read detached (bfloat16 widened to float32)."""
+    if hasattr(a, "detach"):  # a torch tensor (torch itself is never imported here)
+        a = a.detach()
+        if str(a.dtype) == "torch.bfloat16":
+            a = a.float()
+        a = a.cpu().numpy()
+    return np.asarray(a, dtype=dtype)
 
 
 def _statistics(bn):
@@ -71,7 +83,7 @@ def _num_features(bn, name):
 def _real_vector(name, value, length):
     """``value`` as a float64 array of shape (length,) of real numbers, else TypeError/ValueError."""
     try:
-        array = np.asarray(value)
+        array = _array(value)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"{name} must be an array of real numbers, got {type(value).__name__} "
                         f"({exc})") from None
@@ -104,7 +116,7 @@ def inference_scale_shift(bn):
 
 def _check_weight(weight):
     try:
-        weight = np.asarray(weight)
+        weight = _array(weight)
     except (TypeError, ValueError, RuntimeError) as exc:
         raise TypeError(f"weight must be a floating-point array, got {type(weight).__name__} "
                         f"({exc})") from None
@@ -119,7 +131,7 @@ def _fused_bias(bias, out_channels, mean_shift, scale, dtype):
         bias64 = np.zeros(out_channels)
     else:
         try:
-            array = np.asarray(bias)
+            array = _array(bias)
         except (TypeError, ValueError, RuntimeError) as exc:
             raise TypeError(f"bias must be None or an array of real numbers, got "
                             f"{type(bias).__name__} ({exc})") from None

@@ -56,18 +56,25 @@ def same_on_every_rank(comm, tensor, what):
             raise AssertionError(f"{what} differs between rank 0 and rank {r}")
 
 
-def compare(dtype, channels_last=False, steps=3, comm=WORLD):
-    """Converted model on the shards == torch model on the whole batch, over SGD steps."""
+def compare(dtype, channels_last=False, steps=3, comm=WORLD, compiled=False):
+    """Converted model on the shards == torch model on the whole batch, over SGD steps.
+
+    ``compiled``: the converted model runs under ``torch.compile(fullgraph=True)``
+    (the collectives inside cbn's registered operators).
+    """
     size, rank = comm.Get_size(), comm.Get_rank()
     counting = CountingComm(comm)
     ref = make_model(dtype)
-    sync = ct.convert_sync_batchnorm(make_model(dtype), process_group=counting)
+    sync = module = ct.convert_sync_batchnorm(make_model(dtype), process_group=counting)
     assert isinstance(sync[1], ct.SyncBatchNorm) and isinstance(sync[5], ct.SyncBatchNorm)
     if channels_last:
         ref = ref.to(memory_format=torch.channels_last)
         sync = sync.to(memory_format=torch.channels_last)
     bn2d_outputs = []
-    sync[1].register_forward_hook(lambda module, args, output: bn2d_outputs.append(output))
+    if compiled:
+        sync = torch.compile(module, fullgraph=True, backend="aot_eager")
+    else:
+        module[1].register_forward_hook(lambda m, args, output: bn2d_outputs.append(output))
     data = torch.Generator().manual_seed(1234)
     lo, hi = shard_bounds(13, size, rank)
     per_call = 1 if size > 1 else 0
@@ -85,7 +92,7 @@ def compare(dtype, channels_last=False, steps=3, comm=WORLD):
         assert counting.calls == calls + 2 * per_call + handshake, "one Allreduce per layer forward"
         out_ref = ref(x_ref)
         close(out, out_ref[lo:hi], dtype, f"output, step {step}")
-        if channels_last and hi - lo > 1:
+        if channels_last and hi - lo > 1 and not compiled:
             assert bn2d_outputs[-1].is_contiguous(memory_format=torch.channels_last), \
                 "the BatchNorm2d output keeps channels-last memory"
 
@@ -94,17 +101,17 @@ def compare(dtype, channels_last=False, steps=3, comm=WORLD):
         assert counting.calls == calls + 4 * per_call + handshake, "one Allreduce per layer backward"
         (out_ref * cotangent).sum().backward()
         close(x_shard.grad, x_ref.grad[lo:hi], dtype, f"input gradient, step {step}")
-        for (name, p), p_ref in zip(sync.named_parameters(), ref.parameters()):
+        for (name, p), p_ref in zip(module.named_parameters(), ref.parameters()):
             total = torch.from_numpy(comm.allreduce(p.grad.numpy().astype(np.float64)))
             close(total, p_ref.grad.double(), dtype, f"summed gradient of {name}, step {step}")
 
-        ct.allreduce_gradients(sync, comm, average=False)
-        for (name, p), p_ref in zip(sync.named_parameters(), ref.parameters()):
+        ct.allreduce_gradients(module, comm, average=False)
+        for (name, p), p_ref in zip(module.named_parameters(), ref.parameters()):
             close(p.grad, p_ref.grad, dtype, f"allreduce_gradients {name}, step {step}")
             same_on_every_rank(comm, p.grad, f"reduced gradient of {name}")
-        sgd_step(sync), sgd_step(ref)
+        sgd_step(module), sgd_step(ref)
 
-        for (name, b), b_ref in zip(sync.named_buffers(), ref.buffers()):
+        for (name, b), b_ref in zip(module.named_buffers(), ref.buffers()):
             if name.endswith("num_batches_tracked"):
                 assert int(b) == int(b_ref) == step + 1, (name, b, b_ref)
             else:
@@ -112,7 +119,7 @@ def compare(dtype, channels_last=False, steps=3, comm=WORLD):
             same_on_every_rank(comm, b, f"buffer {name}")
 
     # eval: running statistics, nothing communicated
-    sync.eval(), ref.eval()
+    module.eval(), ref.eval()
     calls = counting.calls
     x = torch.randn(13, 3, 5, 5, generator=data, dtype=dtype)
     x_shard = x[lo:hi].clone().requires_grad_()
@@ -126,6 +133,42 @@ def check_model_equality():
     compare(torch.float64)
     compare(torch.float32)
     compare(torch.float64, channels_last=True, steps=2)
+
+
+def check_compiled_model_equality():
+    compare(torch.float64, steps=2, compiled=True)
+
+
+def check_double_backward_refused():
+    """create_graph=True through a synchronising step: a RuntimeError on every rank."""
+    layer = ct.SyncBatchNorm(3, timeout=30).double()
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    try:
+        torch.autograd.grad(layer(x).pow(3).sum(), x, create_graph=True)
+    except RuntimeError as exc:
+        assert "double backward" in str(exc), str(exc)
+    else:
+        raise AssertionError("double backward in a synchronised step must raise")
+    layer(x).sum().backward()  # and the layer still works
+
+
+def check_modified_input_on_one_rank():
+    """An input modified in place before backward, on one rank: every rank raises."""
+    layer = ct.SyncBatchNorm(3, timeout=30).double()
+    x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+    h = x * 1
+    y = layer(h)
+    if RANK == SIZE - 1:
+        with torch.no_grad():
+            h.add_(1)
+    try:
+        y.sum().backward()
+    except RuntimeError as exc:
+        expected = "modified by an inplace operation" if RANK == SIZE - 1 else f"[{SIZE - 1}]"
+        assert expected in str(exc), str(exc)
+    else:
+        raise AssertionError(f"rank {RANK}: the modified input on rank {SIZE - 1} must raise")
+    layer(x).sum().backward()  # and the layer still works
 
 
 def check_local_batchnorm_differs():
@@ -147,7 +190,7 @@ def check_bad_input_on_one_rank():
     layer = ct.SyncBatchNorm(3, timeout=30)
     bad = SIZE - 1
     good = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(RANK))
-    for bad_x, kind, words in [(torch.ones(4, 5, 2), ValueError, "channels"),
+    for bad_x, kind, words in [(torch.ones(4, 5, 2), RuntimeError, "channels"),
                                (torch.ones(4, 3, dtype=torch.int32), TypeError, "floating"),
                                (torch.ones(3), ValueError, "2D")]:
         before = {k: v.clone() for k, v in layer.state_dict().items()}

@@ -19,7 +19,8 @@ from launch import run_ranks_script
 HERE = Path(__file__).parent
 CHECKS = HERE / "mpi_torch_checks.py"
 MPI_CHECKS = ["model_equality", "local_batchnorm_differs", "bad_input_on_one_rank",
-              "process_groups", "allreduce_gradients_average"]
+              "process_groups", "allreduce_gradients_average", "double_backward_refused",
+              "modified_input_on_one_rank"]
 REL_TOL = {"float32": 2e-5, "float64": 1e-12}
 
 
@@ -45,6 +46,14 @@ def test_converted_model_on_shards_equals_torch_model_on_the_global_batch(torch,
     out = run_ranks_script(ranks, CHECKS, *MPI_CHECKS)
     for check in MPI_CHECKS:
         assert f"OK {check} on {ranks} ranks" in out, out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ranks", [2, 3])
+def test_compiled_model_on_shards_equals_torch_model_on_the_global_batch(torch, ranks):
+    # torch.compile(fullgraph=True): the collectives run inside cbn's registered operators
+    out = run_ranks_script(ranks, CHECKS, "compiled_model_equality", timeout=600)
+    assert f"OK compiled_model_equality on {ranks} ranks" in out, out
 
 
 # --- gradcheck -------------------------------------------------------------------
@@ -241,6 +250,7 @@ def test_copies_and_pickles_after_training(torch, ct):
     layer._global = GlobalStats(Collective(mpi.COMM_SELF), 3)  # as after a synchronised step
     twin = copy.deepcopy(layer)
     assert twin._global is None, "the communicator handle is rebuilt, not copied"
+    assert twin._group_handle != layer._group_handle, "two layers never share a handle"
     again = pickle.loads(pickle.dumps(layer))
     layer._global = None
     x = torch.randn(4, 3)
