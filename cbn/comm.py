@@ -90,8 +90,16 @@ def _pieces(values):
 
 
 def _error_kind(error):
+    """The header slot of ``error``: ValueError, TypeError, RuntimeError or any other.
+
+    An error that is both a RuntimeError and a ValueError (cbn.torch's
+    ``ChannelError``: torch's type and cbn's) counts as a RuntimeError, so the
+    other ranks raise what torch users catch.
+    """
+    if isinstance(error, RuntimeError):
+        return _ERROR_CLASSES.index(RuntimeError)
     for i, cls in enumerate(_ERROR_CLASSES):
-        if type(error) is cls or (cls is not RuntimeError and isinstance(error, cls)):
+        if isinstance(error, cls):
             return i
     return len(_ERROR_CLASSES)
 
