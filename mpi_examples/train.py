@@ -195,6 +195,10 @@ def main():
     args = parser.parse_args()
     world = MPI.COMM_WORLD
     rank, size = world.Get_rank(), world.Get_size()
+    smallest = min(hi - lo for lo, hi in (uneven_shard(args.batch, r, size) for r in range(size)))
+    if smallest < 2:  # local BatchNorm cannot train on one sample per channel
+        parser.error(f"--batch {args.batch} gives a rank of {size} only {smallest} sample(s); "
+                     f"use at least {-(-3 * size * (size + 1) // 4)}")
     cbn.set_num_threads(max(1, (os.cpu_count() or 1) // size))
     dtype = np.float64 if args.check else np.float32
     data = load_dataset()
