@@ -145,3 +145,26 @@ def test_wheel_from_the_sdist_ships_py_typed_and_no_debug_info(tmp_path):
             sections = _elf_section_names(zf.read(name))
             debug = [s for s in sections if s.startswith((".debug", ".zdebug"))]
             assert not debug, f"{name} carries debug info: {debug}"
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+@pytest.mark.parametrize("version, flags", [
+    ("mpiexec (Open MPI) 5.0.11", ["--oversubscribe"]),
+    ("mpiexec (OpenRTE) 4.1.4", ["--oversubscribe"]),
+    ("HYDRA build details:\n    Version:   5.0.2", []),
+])
+def test_make_demo_passes_the_flags_each_mpi_launcher_needs(tmp_path, version, flags):
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    launcher = venv / "bin" / "mpiexec"
+    launcher.write_text(f"#!/bin/sh\nprintf '%s\\n' '{version}'\n")
+    launcher.chmod(0o755)
+    if flags and os.geteuid() == 0:
+        flags = flags + ["--allow-run-as-root"]
+    done = subprocess.run(["make", "-n", "-C", str(ROOT), "demo", f"VENV={venv}"],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    (line,) = [line for line in done.stdout.splitlines() if "mpi_examples/train.py" in line]
+    words = line.split()
+    at = words.index(str(launcher))
+    assert words[at + 1:words.index("-n", at)] == flags, line
