@@ -41,8 +41,9 @@ $(PY):
 venv: $(PY)  ## create the venv (.venv; MPI=openmpi: .venv-openmpi) if missing
 
 # One editable install: the extras (`test` holds every test dependency: add new ones there;
-# `mpi` is mpi4py + MPICH; MPI=openmpi takes mpi4py + Open MPI instead), and the kernels compiled in place (cbn/_*.so).  It runs again
-# when a kernel source or the packaging changes, so `make build` after editing pyx/.
+# `mpi` is mpi4py + MPICH; MPI=openmpi takes mpi4py + Open MPI instead) and the kernels,
+# compiled in place (cbn/_*.so).  It runs again when a kernel source or the packaging
+# changes: `make build` after editing pyx/.
 $(STAMP): $(PY) pyproject.toml $(KERNEL_SOURCES)
 	$(PIP) install -q $(BUILD_REQUIRES)
 	$(PIP) install -q $(EDITABLE) $(CBN_SPEC)
@@ -85,8 +86,7 @@ bench: build  ## benchmarks against PyTorch and NumPy, and SyncBatchNorm on 1/2/
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/sync_bench.py
 
-dist: $(STAMP)  ## build the source distribution and, from it, a wheel into dist/
-	$(PIP) install -q build
+dist: $(STAMP)  ## build an sdist and, from it, a wheel into dist/
 	$(PY) -m build --quiet --no-isolation --outdir dist .
 
 clean:  ## remove build products (keeps .venv)
