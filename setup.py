@@ -1,8 +1,11 @@
 """Build cbn's Cython kernels (pyx/*.pyx -> cbn._*) with OpenMP when the compiler has it.
 
-The OpenMP probe compiles *and runs* a small program.  Without OpenMP, or with
-CBN_NO_OPENMP=1, the same sources build serially (cbn_omp.h supplies stand-ins)
-and still vectorise through -fopenmp-simd.
+Metadata lives in pyproject.toml; this file only describes the extensions.
+Cython and the OpenMP probe run inside ``build_ext``, so reading metadata or
+making an sdist compiles nothing.  The probe compiles *and runs* a small
+program.  Without OpenMP, or with CBN_NO_OPENMP=1, the same sources build
+serially (cbn_omp.h supplies stand-ins) and still vectorise through
+-fopenmp-simd.  Extensions are built without debug information (-g0).
 """
 import os
 import shutil
@@ -13,12 +16,10 @@ import tempfile
 import warnings
 from pathlib import Path
 
-import numpy
-from Cython.Build import cythonize
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 
-HERE = Path(__file__).parent.resolve()
-PYX = HERE / "pyx"
+PYX = "pyx"
 MODULES = ["_stats", "_normalize", "_backward", "_threads"]
 
 PROBE = r"""
@@ -41,6 +42,8 @@ def compiler_command():
 
 def openmp_works():
     """Compile and run an OpenMP program; True when both succeed."""
+    if sys.platform == "win32":
+        return False
     if os.environ.get("CBN_NO_OPENMP", "") not in ("", "0"):
         warnings.warn("CBN_NO_OPENMP is set: building cbn without OpenMP (serial kernels).")
         return False
@@ -61,32 +64,36 @@ def openmp_works():
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def extensions():
-    use_openmp = sys.platform != "win32" and openmp_works()
-    compile_args = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
-    link_args = []
-    if use_openmp:
-        compile_args.append("-fopenmp")
-        link_args.append("-fopenmp")
-    else:
-        compile_args.append("-fopenmp-simd")
-    return [
-        Extension(
-            f"cbn.{name}",
-            [f"pyx/{name}.pyx"],
-            include_dirs=[str(PYX), numpy.get_include()],
-            extra_compile_args=compile_args,
-            extra_link_args=link_args,
-            define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-        )
-        for name in MODULES
-    ]
+class BuildKernels(build_ext):
+    """build_ext that cythonizes, probes OpenMP and sets the flags when it runs (not when
+    an sdist or the metadata only asks for its source list)."""
+
+    def run(self):
+        import numpy
+        from Cython.Build import cythonize
+
+        use_openmp = openmp_works()
+        compile_args = ["-O3", "-g0", "-fno-math-errno", "-fno-trapping-math",
+                        "-fopenmp" if use_openmp else "-fopenmp-simd"]
+        link_args = ["-fopenmp"] if use_openmp else []
+        if sys.platform.startswith("linux"):
+            link_args.append("-Wl,--strip-debug")
+        for ext in self.extensions:
+            ext.include_dirs += [PYX, numpy.get_include()]
+            ext.extra_compile_args += compile_args
+            ext.extra_link_args += link_args
+        translated = cythonize(self.extensions, include_path=[PYX], quiet=True,
+                               compiler_directives={"language_level": "3"})
+        for ext, c_ext in zip(self.extensions, translated):  # keep setuptools' own objects
+            ext.sources = c_ext.sources
+        super().run()
 
 
 setup(
-    ext_modules=cythonize(
-        extensions(),
-        include_path=[str(PYX)],
-        compiler_directives={"language_level": "3"},
-    ),
+    ext_modules=[
+        Extension(f"cbn.{name}", [f"{PYX}/{name}.pyx"],
+                  define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")])
+        for name in MODULES
+    ],
+    cmdclass={"build_ext": BuildKernels},
 )

@@ -7,11 +7,10 @@ normalises with the statistics of the global batch across MPI processes.
 """
 from cbn import convert, functional, fuse, mindspore
 from cbn._config import MAX_THREADS, get_num_threads, set_num_threads, threads
+from cbn._version import __version__
 from cbn.batchnorm import BatchNorm1d, BatchNorm2d, BatchNorm3d
 from cbn.checkpoint import load, save
 from cbn.sync_batchnorm import SyncBatchNorm
-
-__version__ = "0.1.0"
 
 __all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "SyncBatchNorm", "convert", "functional",
            "fuse", "mindspore", "save", "load", "get_num_threads", "set_num_threads", "threads",

@@ -16,7 +16,7 @@ def mpi_status():
     except Exception as exc:  # an mpi4py without a working MPI library
         return f"mpi4py present but MPI failed to load: {exc}"
     vendor, version = MPI.get_vendor()
-    library = MPI.Get_library_version().strip().splitlines()[0]
+    library = MPI.Get_library_version().replace("\0", "").strip().splitlines()[0]  # NUL: Open MPI
     return (f"available: mpi4py {importlib.import_module('mpi4py').__version__}, "
             f"{vendor} {'.'.join(map(str, version))} ({library}); "
             f"{MPI.COMM_WORLD.Get_size()} process(es) in COMM_WORLD")

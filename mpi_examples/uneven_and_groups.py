@@ -1,6 +1,6 @@
 """Uneven (and empty) local batches, and process groups, with cbn.SyncBatchNorm.
 
-usage: mpiexec -n 4 python mpi_examples/uneven_and_groups.py
+usage: mpiexec -n 4 python -m mpi4py mpi_examples/uneven_and_groups.py
 
 1. Every rank holds a different number of samples; rank 1 holds none.  The
    synchronised layer still normalises with the statistics of the union, and
