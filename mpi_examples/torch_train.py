@@ -1,8 +1,8 @@
 """Data-parallel training of a PyTorch CNN on CPU ranks with cbn.torch.SyncBatchNorm.
 
-usage: mpiexec -n N python mpi_examples/torch_train.py [--epochs 8] [--batch 64] [--check]
-                                                       [--threads 1]
-       e.g. mpiexec -n 4 python mpi_examples/torch_train.py --check
+usage: mpiexec -n N python -m mpi4py mpi_examples/torch_train.py [--epochs 8] [--batch 64]
+                                                                  [--check] [--threads 1]
+       e.g. mpiexec -n 4 python -m mpi4py mpi_examples/torch_train.py --check
 
 The model is plain ``torch.nn``:
 
@@ -36,19 +36,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cbn  # noqa: E402
 import cbn.torch  # noqa: E402
 from data import load_dataset, uneven_shard  # noqa: E402
+from torch_model import build_model  # noqa: E402
 
 nn = torch.nn
-
-
-def build_model(dtype, seed=0):
-    """The CNN with torch's own BatchNorm layers; the same weights on every rank."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.BatchNorm1d(64), nn.ReLU(),
-        nn.Linear(64, 10))
-    return model.to(dtype)
 
 
 def train(model, data, args, comm, shard, progress):
@@ -155,7 +145,7 @@ def main():
 
 
 def check(model, history, data, args, world, shard, say):
-    """Rank 0 compares the SyncBatchNorm run with the global batch; every rank learns the verdict."""
+    """Rank 0 compares the SyncBatchNorm run with the global batch; every rank learns it."""
     quiet = lambda epoch, h: None  # noqa: E731
     say(f"\n== {world.Get_size()} rank(s), torch.nn.BatchNorm on the shards (no conversion)")
     local = build_model(torch.float64)

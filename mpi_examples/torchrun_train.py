@@ -33,19 +33,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cbn  # noqa: E402
 import cbn.torch  # noqa: E402
 from data import load_dataset, uneven_shard  # noqa: E402
+from torch_model import build_model  # noqa: E402
 
 nn = torch.nn
-
-
-def build_model(dtype, seed=0):
-    """The CNN with torch's own BatchNorm layers; the same weights in every process."""
-    torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.BatchNorm1d(64), nn.ReLU(),
-        nn.Linear(64, 10))
-    return model.to(dtype)
 
 
 def train(model, data, args, shard, scale, progress):
@@ -112,9 +102,10 @@ def main():
         say(f"epoch {epoch + 1:2d}/{args.epochs}  loss {h[0]:.4f}  train acc {100 * h[1]:5.1f}%"
             f"  test acc {100 * h[2]:5.1f}%  {h[3]:5.2f} s")
 
+    sizes = [uneven_shard(args.batch, r, size)[1] - uneven_shard(args.batch, r, size)[0]
+             for r in range(size)]
     say(f"cbn {cbn.__version__} + torch {torch.__version__}: {size} process(es) (gloo), "
-        f"data: {name}; global batch {args.batch}, shards "
-        f"{[uneven_shard(args.batch, r, size)[1] - uneven_shard(args.batch, r, size)[0] for r in range(size)]}")
+        f"data: {name}; global batch {args.batch}, shards {sizes}")
     model = cbn.torch.convert_sync_batchnorm(build_model(dtype))  # process_group: WORLD
     ddp = nn.parallel.DistributedDataParallel(model)
     history = train(ddp, data, args, lambda n: uneven_shard(n, rank, size), size, progress)
