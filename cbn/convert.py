@@ -65,15 +65,8 @@ def _check_state(state, what):
 
 def _copy_value(key, value):
     """A NumPy copy of a batch-norm value (a CPU tensor too), of real numbers."""
-    from cbn.functional import to_numpy
-    try:
-        array = np.array(to_numpy(value, key))
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{key!r} must be an array of real numbers, got "
-                        f"{type(value).__name__} ({exc})") from None
-    if array.dtype.kind not in "biuf":
-        raise TypeError(f"{key!r} must hold real numbers, got dtype {array.dtype}")
-    return array
+    from cbn.functional import real_array
+    return real_array(repr(key), value, kinds="biuf", copy=True)
 
 
 def _split(key):

@@ -206,15 +206,26 @@ def _overlaps_partly(out, data):
         or out.strides != data.strides or out.dtype != data.dtype)
 
 
+def real_array(name, value, kinds="fiu", copy=False):
+    """``value`` (array-like, or a CPU tensor read detached) as an ndarray of real numbers.
+
+    ``kinds`` are the accepted NumPy dtype kinds; anything else, or a value that
+    is no array at all, is a TypeError naming ``name``.  ``copy``: always a copy.
+    """
+    numbers = "floating-point numbers" if kinds == "f" else "real numbers"
+    try:
+        array = (np.array if copy else np.asarray)(to_numpy(value, name))
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{name} must be an array of {numbers}, got "
+                        f"{type(value).__name__} ({exc})") from None
+    if array.dtype.kind not in kinds:
+        raise TypeError(f"{name} must hold {numbers}, got dtype {array.dtype}")
+    return array
+
+
 def _per_channel(name, value, num_features):
     """``value`` as a float array of shape (C,) (TypeError/ValueError naming it otherwise)."""
-    try:
-        array = np.asarray(to_numpy(value, name))
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{name} must be an array of {num_features} real numbers, got "
-                        f"{type(value).__name__} ({exc})") from None
-    if array.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    array = real_array(name, value)
     if array.shape != (num_features,):
         raise ValueError(f"{name} must have shape ({num_features},), got {array.shape}")
     return array.astype(np.float64) if array.dtype.kind != "f" else array

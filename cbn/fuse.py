@@ -23,17 +23,9 @@ of the given weight; the given arrays are never written to.  Torch tensors
 """
 import numpy as np
 
+from cbn.functional import real_array
+
 __all__ = ["fuse_conv_bn", "fuse_linear_bn", "inference_scale_shift"]
-
-
-def _array(a, dtype=None):
-    """``a`` as an ndarray; a torch tensor is read detached (bfloat16 widened to float32)."""
-    if hasattr(a, "detach"):  # a torch tensor (torch itself is never imported here)
-        a = a.detach()
-        if str(a.dtype) == "torch.bfloat16":
-            a = a.float()
-        a = a.cpu().numpy()
-    return np.asarray(a, dtype=dtype)
 
 
 def _statistics(bn):
@@ -82,13 +74,7 @@ def _num_features(bn, name):
 
 def _real_vector(name, value, length):
     """``value`` as a float64 array of shape (length,) of real numbers, else TypeError/ValueError."""
-    try:
-        array = _array(value)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"{name} must be an array of real numbers, got {type(value).__name__} "
-                        f"({exc})") from None
-    if array.dtype.kind not in "fiu":
-        raise TypeError(f"{name} must hold real numbers, got dtype {array.dtype}")
+    array = real_array(name, value)
     if array.shape != (length,):
         raise ValueError(f"{name} must have shape ({length},), got shape {array.shape}")
     return array.astype(np.float64)
@@ -115,14 +101,7 @@ def inference_scale_shift(bn):
 
 
 def _check_weight(weight):
-    try:
-        weight = _array(weight)
-    except (TypeError, ValueError, RuntimeError) as exc:
-        raise TypeError(f"weight must be a floating-point array, got {type(weight).__name__} "
-                        f"({exc})") from None
-    if weight.dtype.kind != "f":
-        raise TypeError(f"weight must be a floating-point array, got dtype {weight.dtype}")
-    return weight
+    return real_array("weight", weight, kinds="f")
 
 
 def _fused_bias(bias, out_channels, mean_shift, scale, dtype):
@@ -130,13 +109,7 @@ def _fused_bias(bias, out_channels, mean_shift, scale, dtype):
     if bias is None:
         bias64 = np.zeros(out_channels)
     else:
-        try:
-            array = _array(bias)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise TypeError(f"bias must be None or an array of real numbers, got "
-                            f"{type(bias).__name__} ({exc})") from None
-        if array.dtype.kind not in "fiu":
-            raise TypeError(f"bias must hold real numbers, got dtype {array.dtype}")
+        array = real_array("bias", bias)
         if array.shape != (out_channels,):
             raise ValueError(f"bias must have shape ({out_channels},) (one value per output "
                              f"channel), got shape {array.shape}")
