@@ -19,6 +19,7 @@ import json
 import os
 import re
 from collections.abc import Mapping
+from typing import Any, Union
 
 import numpy as np
 
@@ -75,7 +76,7 @@ class CheckpointError(ValueError):
 
 # --- saving --------------------------------------------------------------------------------
 
-def save(path, obj):
+def save(path: Union[str, "os.PathLike[str]"], obj: Any) -> None:
     """Write ``obj`` to ``path`` (exactly that name) as a safetensors checkpoint, atomically.
 
     Parameters
@@ -412,7 +413,7 @@ def _describe_layer(record):
 
 # --- loading ---------------------------------------------------------------------------------
 
-def load(path, into=None):
+def load(path: Union[str, "os.PathLike[str]"], into: Any = None) -> Any:
     """Read a checkpoint written by ``cbn.save``, or any safetensors file of arrays.
 
     Parameters

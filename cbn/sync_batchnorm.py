@@ -9,6 +9,7 @@ close to the data, so the variance keeps its accuracy.  With one process, or
 in eval mode, it is plain batch norm, bit for bit.
 """
 import types
+from typing import Any, Optional
 
 import numpy as np
 
@@ -143,9 +144,10 @@ class SyncBatchNorm(_BatchNorm):
     different batch sizes, including zero.
     """
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
-                 track_running_stats=True, process_group=None, device=None, dtype=np.float32,
-                 *, bias=True, timeout=None):
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True,
+                 process_group: Any = None, device: Any = None, dtype: Any = np.float32,
+                 *, bias: bool = True, timeout: Optional[float] = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device,
                          dtype, bias=bias)
         if timeout is not None:

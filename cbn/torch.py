@@ -43,7 +43,7 @@ except ImportError as _exc:  # pragma: no cover - exercised in a subprocess test
         "(or `pip install cbn[torch]`)") from _exc
 import secrets
 import weakref
-from typing import Optional, Tuple
+from typing import Any, Optional, Tuple
 
 import numpy as np
 from torch import Tensor
@@ -804,7 +804,8 @@ class SyncBatchNorm(_TorchBatchNorm):
         return convert_sync_batchnorm(module, process_group)
 
 
-def convert_sync_batchnorm(module, process_group=None):
+def convert_sync_batchnorm(module: "torch.nn.Module",
+                           process_group: Any = None) -> "torch.nn.Module":
     """``module`` with every ``torch.nn.BatchNorm1d/2d/3d`` and ``torch.nn.SyncBatchNorm`` replaced.
 
     The new ``cbn.torch.SyncBatchNorm`` layers hold the very same parameters
@@ -839,7 +840,8 @@ def convert_sync_batchnorm(module, process_group=None):
     return output
 
 
-def allreduce_gradients(model, comm=None, average=True, timeout=None):
+def allreduce_gradients(model: "torch.nn.Module", comm: Any = None, average: bool = True,
+                        timeout: Optional[float] = None) -> "torch.nn.Module":
     """Sum the parameter gradients of ``model`` over ``comm`` in one fused Allreduce.
 
     ``grad = sum_r grad_r / size`` (``average=True``, as DistributedDataParallel)
