@@ -256,10 +256,29 @@ def grad_sums(dy, x, center, n_threads):
     return s, t
 
 
-def scale_shift(x, scale, shift, n_threads, out=None):
-    """x * scale[c] + shift[c] into a new (or the given) Batch."""
+def normalization_coefficients(mean, invstd, weight, bias, dtype):
+    """(center, scale, shift) in ``dtype`` such that
+    ``(x - center) * scale + shift == (x - mean) * invstd * weight + bias``.
+
+    ``center`` is the float64 ``mean`` rounded to ``dtype`` and ``shift``
+    carries the rounding's remainder: then ``x - center`` is exact for data
+    near the mean, and the output is as accurate as ``dtype`` allows at any
+    offset of the data from zero.
+    """
+    scale = invstd if weight is None else weight * invstd
+    center = mean.astype(dtype)
+    shift = -(mean - center) * scale
+    if bias is not None:
+        shift += bias
+    return center, scale.astype(dtype), shift.astype(dtype)
+
+
+def scale_shift(x, scale, shift, n_threads, out=None, center=None):
+    """(x - center[c]) * scale[c] + shift[c] (center None: 0) into a new (or the given) Batch."""
     out = empty_like(x) if out is None else out
-    _SCALE_SHIFT[x.dtype, x.channels_last](x.view, scale, shift, out.view, n_threads)
+    if center is None:
+        center = np.zeros(len(scale), scale.dtype)
+    _SCALE_SHIFT[x.dtype, x.channels_last](x.view, center, scale, shift, out.view, n_threads)
     return out
 
 

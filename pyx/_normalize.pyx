@@ -1,10 +1,15 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Normalisation as one multiply-add per element: ``y = x * scale[c] + shift[c]``.
+"""Normalisation as one subtract and one multiply-add per element:
+``y = (x - center[c]) * scale[c] + shift[c]``.
 
-The per-channel ``scale = weight / sqrt(var + eps)`` and
-``shift = bias - mean * scale`` are computed once by the caller, so the same
-kernel serves training, evaluation and the evaluation-mode backward
-(``dx = dy * scale`` with a zero shift).
+The caller computes per channel ``scale = weight / sqrt(var + eps)``, the
+mean rounded to the data's dtype as ``center = m_hi`` and
+``shift = bias - (mean - m_hi) * scale``.  Subtracting the rounded mean first
+is exact for values near the mean, so the output keeps the dtype's accuracy
+for data far from zero (``1e4 + N(0, 1)`` in float32), where
+``x * scale + (bias - mean * scale)`` would lose ``|mean * scale| * 2**-24``.
+The same kernel serves training, evaluation and the evaluation-mode backward
+(``dx = dy * scale``: zero center and shift).
 """
 from cython.parallel cimport prange
 
@@ -16,9 +21,10 @@ ctypedef fused floating:
     double
 
 
-def scale_shift_ncs(const floating[:, :, :] x, const floating[::1] scale,
-                    const floating[::1] shift, floating[:, :, :] out, int n_threads):
-    """out[n, c, :] = x[n, c, :] * scale[c] + shift[c] for an (N, C, S) array."""
+def scale_shift_ncs(const floating[:, :, :] x, const floating[::1] center,
+                    const floating[::1] scale, const floating[::1] shift,
+                    floating[:, :, :] out, int n_threads):
+    """out[n, c, :] = (x[n, c, :] - center[c]) * scale[c] + shift[c] for an (N, C, S) array."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t row, n, c
     cdef int threads = threads_for(N * C * S, n_threads)
@@ -27,6 +33,7 @@ def scale_shift_ncs(const floating[:, :, :] x, const floating[::1] scale,
     check_extents(N, out.shape[0], "the output")
     check_extents(C, out.shape[1], "the output")
     check_extents(S, out.shape[2], "the output")
+    check_extents(C, center.shape[0], "center")
     check_extents(C, scale.shape[0], "scale")
     check_extents(C, shift.shape[0], "shift")
     if S == 0:
@@ -36,14 +43,17 @@ def scale_shift_ncs(const floating[:, :, :] x, const floating[::1] scale,
             n = row // C
             c = row % C
             if floating is float:
-                cbn_row_scale_shift_f(&x[n, c, 0], &out[n, c, 0], S, scale[c], shift[c])
+                cbn_row_scale_shift_f(&x[n, c, 0], &out[n, c, 0], S, center[c], scale[c],
+                                      shift[c])
             else:
-                cbn_row_scale_shift_d(&x[n, c, 0], &out[n, c, 0], S, scale[c], shift[c])
+                cbn_row_scale_shift_d(&x[n, c, 0], &out[n, c, 0], S, center[c], scale[c],
+                                      shift[c])
 
 
-def scale_shift_mc(const floating[:, :] x, const floating[::1] scale,
-                   const floating[::1] shift, floating[:, :] out, int n_threads):
-    """out[m, :] = x[m, :] * scale + shift for a channels-last (M, C) array."""
+def scale_shift_mc(const floating[:, :] x, const floating[::1] center,
+                   const floating[::1] scale, const floating[::1] shift,
+                   floating[:, :] out, int n_threads):
+    """out[m, :] = (x[m, :] - center) * scale + shift for a channels-last (M, C) array."""
     cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t units = unit_count(M, C)
     cdef Py_ssize_t rows_per_unit = ceil_div(M, units)
@@ -55,6 +65,7 @@ def scale_shift_mc(const floating[:, :] x, const floating[::1] scale,
     check_rows(out.strides[1], C, sizeof(floating))
     check_extents(M, out.shape[0], "the output")
     check_extents(C, out.shape[1], "the output")
+    check_extents(C, center.shape[0], "center")
     check_extents(C, scale.shape[0], "scale")
     check_extents(C, shift.shape[0], "shift")
     if M == 0 or C == 0:
@@ -66,7 +77,7 @@ def scale_shift_mc(const floating[:, :] x, const floating[::1] scale,
             if rows > 0:
                 if floating is float:
                     cbn_rows_scale_shift_f(&x[r0, 0], x_stride, &out[r0, 0], out_stride,
-                                           rows, C, &scale[0], &shift[0])
+                                           rows, C, &center[0], &scale[0], &shift[0])
                 else:
                     cbn_rows_scale_shift_d(&x[r0, 0], x_stride, &out[r0, 0], out_stride,
-                                           rows, C, &scale[0], &shift[0])
+                                           rows, C, &center[0], &scale[0], &shift[0])

@@ -9,14 +9,16 @@ cdef extern from "cbn_simd.h" nogil:
     void cbn_rows_moments_d(const double *x, Py_ssize_t rows, Py_ssize_t row_stride,
                             Py_ssize_t C, const double *k, double *s, double *q)
 
-    void cbn_row_scale_shift_f(const float *x, float *y, Py_ssize_t n, float a, float b)
-    void cbn_row_scale_shift_d(const double *x, double *y, Py_ssize_t n, double a, double b)
+    void cbn_row_scale_shift_f(const float *x, float *y, Py_ssize_t n, float m, float a,
+                               float b)
+    void cbn_row_scale_shift_d(const double *x, double *y, Py_ssize_t n, double m, double a,
+                               double b)
     void cbn_rows_scale_shift_f(const float *x, Py_ssize_t x_stride, float *y,
                                 Py_ssize_t y_stride, Py_ssize_t rows, Py_ssize_t C,
-                                const float *a, const float *b)
+                                const float *m, const float *a, const float *b)
     void cbn_rows_scale_shift_d(const double *x, Py_ssize_t x_stride, double *y,
                                 Py_ssize_t y_stride, Py_ssize_t rows, Py_ssize_t C,
-                                const double *a, const double *b)
+                                const double *m, const double *a, const double *b)
 
     void cbn_row_grad_sums_f(const float *dy, const float *x, Py_ssize_t n, double k,
                              double *s, double *t)

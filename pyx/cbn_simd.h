@@ -107,26 +107,28 @@ CBN_CLONES static void cbn_rows_moments_##SUFFIX(                              \
     }                                                                          \
 }                                                                              \
                                                                                \
-/* y = x * a + b over one contiguous row. */                                   \
+/* y = (x - m) * a + b over one contiguous row.  With m the mean rounded to \
+ * T, x - m is exact for x near the mean (Sterbenz), so y keeps T's accuracy \
+ * however far the data sit from zero; b carries the rest of the mean. */     \
 CBN_CLONES static void cbn_row_scale_shift_##SUFFIX(                           \
-        const T *x, T *y, ptrdiff_t n, T a, T b)                               \
+        const T *x, T *y, ptrdiff_t n, T m, T a, T b)                          \
 {                                                                              \
     _Pragma("omp simd")                                                        \
     for (ptrdiff_t i = 0; i < n; i++)                                          \
-        y[i] = x[i] * a + b;                                                   \
+        y[i] = (x[i] - m) * a + b;                                             \
 }                                                                              \
                                                                                \
-/* y[r, c] = x[r, c] * a[c] + b[c] over a block of channels-last rows. */      \
+/* y[r, c] = (x[r, c] - m[c]) * a[c] + b[c] over a block of channels-last rows. */\
 CBN_CLONES static void cbn_rows_scale_shift_##SUFFIX(                          \
         const T *x, ptrdiff_t x_stride, T *y, ptrdiff_t y_stride,              \
-        ptrdiff_t rows, ptrdiff_t C, const T *a, const T *b)                   \
+        ptrdiff_t rows, ptrdiff_t C, const T *m, const T *a, const T *b)       \
 {                                                                              \
     for (ptrdiff_t r = 0; r < rows; r++) {                                     \
         const T *xr = x + r * x_stride;                                        \
         T *yr = y + r * y_stride;                                              \
         _Pragma("omp simd")                                                    \
         for (ptrdiff_t c = 0; c < C; c++)                                      \
-            yr[c] = xr[c] * a[c] + b[c];                                       \
+            yr[c] = (xr[c] - m[c]) * a[c] + b[c];                              \
     }                                                                          \
 }                                                                              \
                                                                                \

@@ -178,22 +178,25 @@ def test_moments(rng, family, layout, shape, dtype, n_threads):
 def test_scale_shift(rng, family, layout, shape, dtype, n_threads):
     base, x = input_array(rng, family, layout, shape, dtype)
     channels = x.shape[1]
+    center = channel_vector(rng, channels, dtype, -5, 5)
     scale = channel_vector(rng, channels, dtype)
     shift = channel_vector(rng, channels, dtype, -10, 10)
     out_base, out = output_array(family, layout, shape, dtype)
-    before = [a.copy() for a in (base, scale, shift)]
+    before = [a.copy() for a in (base, center, scale, shift)]
 
-    kernel(_normalize, "scale_shift", family)(x, scale, shift, out, n_threads)
+    kernel(_normalize, "scale_shift", family)(x, center, scale, shift, out, n_threads)
 
     x64 = x.astype(np.float64)
-    product = x64 * broadcast(scale, family)
+    centred = x64 - broadcast(center, family)
+    product = centred * broadcast(scale, family)
     expected = product + broadcast(shift, family)
     magnitude = np.abs(product) + np.abs(broadcast(shift, family))
     assert_elementwise_close(out, expected, magnitude, dtype, "out")
     outside = np.ones(out_base.shape, bool)
     _same_view(outside, family, layout)[...] = False
     assert np.all(out_base[outside] == SENTINEL), "wrote outside the output view"
-    for b, a, name in zip(before, (base, scale, shift), ("x", "scale", "shift")):
+    for b, a, name in zip(before, (base, center, scale, shift),
+                          ("x", "center", "scale", "shift")):
         assert_unchanged(b, a, name)
 
 
@@ -264,7 +267,7 @@ def run_all_kernels(family, x, dy, n_threads, rng_seed=7):
     results["moments"] = (out_sum, out_sumsq)
 
     out = np.empty(x.shape, dtype)
-    kernel(_normalize, "scale_shift", family)(x, scale, shift, out, n_threads)
+    kernel(_normalize, "scale_shift", family)(x, m, scale, shift, out, n_threads)
     results["scale_shift"] = out
 
     sum_dy, sum_dy_xc = np.empty(channels), np.empty(channels)
