@@ -13,7 +13,8 @@ The same kernel serves training, evaluation and the evaluation-mode backward
 """
 from cython.parallel cimport prange
 
-from _simd cimport cbn_row_scale_shift_f, cbn_row_scale_shift_d, cbn_rows_scale_shift_f, cbn_rows_scale_shift_d
+from _simd cimport (cbn_ncs_scale_shift_f, cbn_ncs_scale_shift_d, cbn_rows_scale_shift_f,
+                    cbn_rows_scale_shift_d)
 from _blocks cimport unit_count, ceil_div, threads_for, check_rows, check_extents
 
 ctypedef fused floating:
@@ -26,7 +27,10 @@ def scale_shift_ncs(const floating[:, :, :] x, const floating[::1] center,
                     floating[:, :, :] out, int n_threads):
     """out[n, c, :] = (x[n, c, :] - center[c]) * scale[c] + shift[c] for an (N, C, S) array."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
-    cdef Py_ssize_t row, n, c
+    cdef Py_ssize_t item = sizeof(floating)
+    cdef Py_ssize_t x_sn = x.strides[0] // item, x_sc = x.strides[1] // item
+    cdef Py_ssize_t y_sn = out.strides[0] // item, y_sc = out.strides[1] // item
+    cdef Py_ssize_t rows = N * C, piece, pieces, r0, r1
     cdef int threads = threads_for(N * C * S, n_threads)
     check_rows(x.strides[2], S, sizeof(floating))
     check_rows(out.strides[2], S, sizeof(floating))
@@ -36,18 +40,20 @@ def scale_shift_ncs(const floating[:, :, :] x, const floating[::1] center,
     check_extents(C, center.shape[0], "center")
     check_extents(C, scale.shape[0], "scale")
     check_extents(C, shift.shape[0], "shift")
-    if S == 0:
+    if rows == 0 or S == 0:
         return
+    # One contiguous range of rows per thread, each done in one call.
+    pieces = min(rows, threads)
     with nogil:
-        for row in prange(N * C, num_threads=threads, schedule='static'):
-            n = row // C
-            c = row % C
+        for piece in prange(pieces, num_threads=threads, schedule='static'):
+            r0 = piece * rows // pieces
+            r1 = (piece + 1) * rows // pieces
             if floating is float:
-                cbn_row_scale_shift_f(&x[n, c, 0], &out[n, c, 0], S, center[c], scale[c],
-                                      shift[c])
+                cbn_ncs_scale_shift_f(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn, y_sc,
+                                      C, S, r0, r1, &center[0], &scale[0], &shift[0])
             else:
-                cbn_row_scale_shift_d(&x[n, c, 0], &out[n, c, 0], S, center[c], scale[c],
-                                      shift[c])
+                cbn_ncs_scale_shift_d(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn, y_sc,
+                                      C, S, r0, r1, &center[0], &scale[0], &shift[0])
 
 
 def scale_shift_mc(const floating[:, :] x, const floating[::1] center,

@@ -107,17 +107,6 @@ CBN_CLONES static void cbn_rows_moments_##SUFFIX(                              \
     }                                                                          \
 }                                                                              \
                                                                                \
-/* y = (x - m) * a + b over one contiguous row.  With m the mean rounded to \
- * T, x - m is exact for x near the mean (Sterbenz), so y keeps T's accuracy \
- * however far the data sit from zero; b carries the rest of the mean. */     \
-CBN_CLONES static void cbn_row_scale_shift_##SUFFIX(                           \
-        const T *x, T *y, ptrdiff_t n, T m, T a, T b)                          \
-{                                                                              \
-    _Pragma("omp simd")                                                        \
-    for (ptrdiff_t i = 0; i < n; i++)                                          \
-        y[i] = (x[i] - m) * a + b;                                             \
-}                                                                              \
-                                                                               \
 /* y[r, c] = (x[r, c] - m[c]) * a[c] + b[c] over a block of channels-last rows. */\
 CBN_CLONES static void cbn_rows_scale_shift_##SUFFIX(                          \
         const T *x, ptrdiff_t x_stride, T *y, ptrdiff_t y_stride,              \
@@ -169,16 +158,7 @@ CBN_CLONES static void cbn_rows_grad_sums_##SUFFIX(                            \
     }                                                                          \
 }                                                                              \
                                                                                \
-/* dx = a * dy + b * (x - m) + c over one contiguous row. */                   \
-CBN_CLONES static void cbn_row_grad_input_##SUFFIX(                            \
-        const T *dy, const T *x, T *dx, ptrdiff_t n, T a, T b, T m, T c)       \
-{                                                                              \
-    _Pragma("omp simd")                                                        \
-    for (ptrdiff_t i = 0; i < n; i++)                                          \
-        dx[i] = a * dy[i] + b * (x[i] - m) + c;                                \
-}                                                                              \
-                                                                               \
-/* The same over a block of channels-last rows, per-channel coefficients. */   \
+/* dx = a * dy + b * (x - m) + c over a block of channels-last rows, per channel. */   \
 CBN_CLONES static void cbn_rows_grad_input_##SUFFIX(                           \
         const T *dy, ptrdiff_t dy_stride, const T *x, ptrdiff_t x_stride,      \
         T *dx, ptrdiff_t dx_stride, ptrdiff_t rows, ptrdiff_t C,               \
@@ -194,7 +174,100 @@ CBN_CLONES static void cbn_rows_grad_input_##SUFFIX(                           \
     }                                                                          \
 }
 
+/* (N, C, S) loops over many rows in one call: with S = 49 or 196 (ResNet's   \
+ * late layers) a call per row through the ifunc costs as much as the row. */ \
+#define CBN_DEFINE_NCS_KERNELS(T, SUFFIX)                                      \
+                                                                               \
+/* Per channel c < C of one sample: acc[2c] += sum(x[c] - k[c]),              \
+ * acc[2c + 1] += sum((x[c] - k[c])^2); channel rows x_sc apart. */           \
+CBN_CLONES static void cbn_sample_moments_##SUFFIX(                            \
+        const T *x, ptrdiff_t x_sc, ptrdiff_t C, ptrdiff_t S,                  \
+        const double *k, double *acc)                                          \
+{                                                                              \
+    for (ptrdiff_t c = 0; c < C; c++) {                                        \
+        const T *xr = x + c * x_sc;                                            \
+        double kc = k[c], a = 0.0, b = 0.0;                                    \
+        _Pragma("omp simd reduction(+:a,b)")                                   \
+        for (ptrdiff_t i = 0; i < S; i++) {                                    \
+            double d = (double)xr[i] - kc;                                     \
+            a += d;                                                            \
+            b += d * d;                                                        \
+        }                                                                      \
+        acc[2 * c] += a;                                                       \
+        acc[2 * c + 1] += b;                                                   \
+    }                                                                          \
+}                                                                              \
+                                                                               \
+/* The same for sum(dy) and sum(dy * (x - k)). */                              \
+CBN_CLONES static void cbn_sample_grad_sums_##SUFFIX(                          \
+        const T *dy, ptrdiff_t dy_sc, const T *x, ptrdiff_t x_sc, ptrdiff_t C, \
+        ptrdiff_t S, const double *k, double *acc)                             \
+{                                                                              \
+    for (ptrdiff_t c = 0; c < C; c++) {                                        \
+        const T *gr = dy + c * dy_sc;                                          \
+        const T *xr = x + c * x_sc;                                            \
+        double kc = k[c], a = 0.0, b = 0.0;                                    \
+        _Pragma("omp simd reduction(+:a,b)")                                   \
+        for (ptrdiff_t i = 0; i < S; i++) {                                    \
+            double g = (double)gr[i];                                          \
+            a += g;                                                            \
+            b += g * ((double)xr[i] - kc);                                     \
+        }                                                                      \
+        acc[2 * c] += a;                                                       \
+        acc[2 * c + 1] += b;                                                   \
+    }                                                                          \
+}                                                                              \
+                                                                               \
+/* y = (x - m[c]) * a[c] + b[c] over rows row0 <= row < row1 (row = n*C + c)   \
+ * of (N, C, S) arrays; strides in elements, rows contiguous.  With m the     \
+ * mean rounded to T, x - m is exact near the mean (Sterbenz), so y keeps T's \
+ * accuracy however far the data sit from zero; b carries the rest. */       \
+CBN_CLONES static void cbn_ncs_scale_shift_##SUFFIX(                           \
+        const T *x, ptrdiff_t x_sn, ptrdiff_t x_sc, T *y, ptrdiff_t y_sn,      \
+        ptrdiff_t y_sc, ptrdiff_t C, ptrdiff_t S, ptrdiff_t row0,              \
+        ptrdiff_t row1, const T *m, const T *a, const T *b)                    \
+{                                                                              \
+    ptrdiff_t n = row0 / C, c = row0 % C;                                      \
+    for (ptrdiff_t row = row0; row < row1; row++) {                            \
+        const T *xr = x + n * x_sn + c * x_sc;                                 \
+        T *yr = y + n * y_sn + c * y_sc;                                       \
+        T mc = m[c], ac = a[c], bc = b[c];                                     \
+        _Pragma("omp simd")                                                    \
+        for (ptrdiff_t i = 0; i < S; i++)                                      \
+            yr[i] = (xr[i] - mc) * ac + bc;                                    \
+        if (++c == C) {                                                        \
+            c = 0;                                                             \
+            n++;                                                               \
+        }                                                                      \
+    }                                                                          \
+}                                                                              \
+                                                                               \
+/* dx = a[c] * dy + b[c] * (x - m[c]) + c[c] over rows row0..row1-1. */         \
+CBN_CLONES static void cbn_ncs_grad_input_##SUFFIX(                            \
+        const T *dy, ptrdiff_t dy_sn, ptrdiff_t dy_sc, const T *x,             \
+        ptrdiff_t x_sn, ptrdiff_t x_sc, T *dx, ptrdiff_t dx_sn,                \
+        ptrdiff_t dx_sc, ptrdiff_t C, ptrdiff_t S, ptrdiff_t row0,             \
+        ptrdiff_t row1, const T *a, const T *b, const T *m, const T *c)        \
+{                                                                              \
+    ptrdiff_t n = row0 / C, ch = row0 % C;                                     \
+    for (ptrdiff_t row = row0; row < row1; row++) {                            \
+        const T *gr = dy + n * dy_sn + ch * dy_sc;                             \
+        const T *xr = x + n * x_sn + ch * x_sc;                                \
+        T *dr = dx + n * dx_sn + ch * dx_sc;                                   \
+        T ac = a[ch], bc = b[ch], mc = m[ch], cc = c[ch];                      \
+        _Pragma("omp simd")                                                    \
+        for (ptrdiff_t i = 0; i < S; i++)                                      \
+            dr[i] = ac * gr[i] + bc * (xr[i] - mc) + cc;                       \
+        if (++ch == C) {                                                       \
+            ch = 0;                                                            \
+            n++;                                                               \
+        }                                                                      \
+    }                                                                          \
+}
+
 CBN_DEFINE_KERNELS(float, f)
 CBN_DEFINE_KERNELS(double, d)
+CBN_DEFINE_NCS_KERNELS(float, f)
+CBN_DEFINE_NCS_KERNELS(double, d)
 
 #endif

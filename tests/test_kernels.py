@@ -36,6 +36,9 @@ SHAPES = sorted(
     # channels-last blocks of 64 and 16 channels plus a remainder, over more
     # than one block of 64 rows
     | {(3, 16, 70), (2, 100, 40), (1, 131, 130), (4, 80, 3)}
+    # batches of 8 or more: (N, C, S) reductions go a sample (every channel) per
+    # call, elementwise kernels a range of rows per call; S = 49 as in ResNet
+    | {(8, 3, 49), (9, 5, 7), (12, 70, 3)}
 )
 
 NCS_LAYOUTS = ["contiguous", "n_strided", "c_strided", "n_reversed"]
