@@ -168,8 +168,13 @@ def _sweep_cells(row):
 
 
 def _sorted_sweep(rows):
-    return sorted(rows, key=lambda r: (r["mode"] != "train+bwd", r["threads"], r["layout"],
-                                       r["key"]))
+    """fwd+bwd first, then by threads, layout, and the shapes in network order."""
+    order = {(c, h): i for i, (c, h) in enumerate(
+        [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7),
+         (2048, 7)])}
+    return sorted(rows, key=lambda r: (r["mode"] != "train+bwd", r["threads"],
+                                       r["layout"] != "NCHW",
+                                       order.get((r["channels"], r["size"]), 99)))
 
 
 def sweep_table(rows):

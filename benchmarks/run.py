@@ -523,7 +523,7 @@ def main(argv=None):
         if not sweep_skipped:
             written.append("sweep.png")
     print(f"\nwrote {', '.join(str(args.out / name) for name in written)}")
-    if skipped:
+    if skipped and kernel_rows:
         print(f"chart skipped: {skipped} (`.venv/bin/python -m pip install matplotlib`)")
     return 0
 
