@@ -34,10 +34,9 @@ class _EvalCoefficients:
     def __init__(self, key, running_mean, running_var, weight, bias, eps, dtype):
         self.key = key
         self.mean = running_mean.astype(np.float64)
-        self.invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
         # y = (x - center) * scale + shift, exact at any offset of the data.
-        self.center, self.scale, self.shift = _layout.normalization_coefficients(
-            self.mean, self.invstd, weight, bias, dtype)
+        self.invstd, self.center, self.scale, self.shift = _layout.normalization_coefficients(
+            self.mean, running_var, weight, bias, eps, dtype)
 
 
 class _BatchNorm:

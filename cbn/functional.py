@@ -90,9 +90,8 @@ def update_running(running_mean, running_var, mean, var, count, factor):
 
 def normalize(batch, mean, var, weight, bias, eps, out=None):
     """(y Batch, invstd): y = x * weight / sqrt(var + eps) + (bias - mean * ...)."""
-    invstd = 1.0 / np.sqrt(np.asarray(var, np.float64) + eps)
-    center, scale, shift = _layout.normalization_coefficients(
-        np.asarray(mean, np.float64), invstd, weight, bias, batch.dtype)
+    invstd, center, scale, shift = _layout.normalization_coefficients(
+        mean, var, weight, bias, eps, batch.dtype)
     y = _layout.scale_shift(batch, scale, shift, kernel_threads(), out, center)
     return y, invstd
 

@@ -371,3 +371,47 @@ def test_variance_of_offset_data_is_accurate():
     relative_error = np.abs(layer.running_var.astype(np.float64) - unbiased_var) / unbiased_var
     assert np.all(relative_error <= 1e-5), relative_error
     assert np.allclose(layer.running_mean, mean, rtol=1e-7, atol=0)
+
+
+# --------------------------------------------------------------------------- coefficients
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_dtype", [None, np.float32, np.float64])
+@pytest.mark.parametrize("bias_dtype", [None, np.float32, np.float64])
+@pytest.mark.parametrize("channels", [1, 7, 64, 513])
+def test_coefficients(rng, dtype, weight_dtype, bias_dtype, channels):
+    """invstd, center, scale, shift against the float64 formulas (NumPy, one op at a time)."""
+    mean = rng.uniform(-1e4, 1e4, channels)
+    var = rng.uniform(0.0, 4.0, channels)
+    weight = None if weight_dtype is None else rng.uniform(-2, 2, channels).astype(weight_dtype)
+    bias = None if bias_dtype is None else rng.uniform(-2, 2, channels).astype(bias_dtype)
+    eps = 1e-5
+    invstd = np.full(channels, np.nan)
+    center, scale, shift = (np.full(channels, np.nan, dtype) for _ in range(3))
+    name = "float" if dtype == np.float32 else "double"
+    assert _normalize.coefficients[name](mean, var, weight, bias, eps, invstd, center, scale,
+                                         shift)
+
+    expected_invstd = 1.0 / np.sqrt(var + eps)
+    full_scale = expected_invstd * (1.0 if weight is None else weight.astype(np.float64))
+    expected_center = mean.astype(dtype)
+    rest = -(mean - expected_center.astype(np.float64)) * full_scale
+    expected_shift = rest + (0.0 if bias is None else bias.astype(np.float64))
+    assert np.array_equal(invstd, expected_invstd)  # both correctly rounded
+    assert np.array_equal(center, expected_center)
+    assert np.array_equal(scale, full_scale.astype(dtype))
+    # one rounding to dtype, after at most an FMA's worth of float64 rounding
+    eps_t = np.finfo(dtype).eps
+    bound = eps_t * np.abs(expected_shift) + 4 * np.finfo(np.float64).eps * (
+        np.abs(rest) + (0.0 if bias is None else np.abs(bias)))
+    assert np.all(np.abs(shift - expected_shift) <= bound + np.finfo(dtype).tiny)
+
+
+def test_coefficients_decline_other_weight_dtypes():
+    c = 4
+    out = [np.empty(c), np.empty(c, np.float32), np.empty(c, np.float32), np.empty(c, np.float32)]
+    assert not _normalize.coefficients["float"](np.zeros(c), np.ones(c), np.ones(c, np.float16),
+                                                None, 1e-5, *out)
+    with pytest.raises(ValueError, match="weight"):
+        _normalize.coefficients["float"](np.zeros(c), np.ones(c), np.ones(c + 1), None, 1e-5, *out)
