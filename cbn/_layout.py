@@ -10,6 +10,8 @@ Every array the kernels see is a view of the caller's memory:
 An input that fits neither is copied once into C order.  Validation happens
 here, in Python; the kernels assume valid input and never raise.
 """
+import os
+
 import numpy as np
 
 from cbn import _normalize, _stats, _backward
@@ -226,6 +228,25 @@ def finish(batch):
 
 # --- kernel dispatch -------------------------------------------------------
 
+def _parallel_min_elements(policy):
+    """Below this many elements a kernel runs on one thread.
+
+    The kernels themselves go parallel from 32768 elements, right when idle
+    OpenMP threads spin (libgomp's default).  Under OMP_WAIT_POLICY=PASSIVE
+    idle threads sleep, and waking one costs 10-50 us: measured here, a second
+    thread only pays off from about 2**19 elements (2 MiB of float32), so
+    smaller calls (batch-1 inference, say) stay on the calling thread.
+    """
+    return 1 << 19 if policy.strip().upper() == "PASSIVE" else 0
+
+
+_PARALLEL_MIN = _parallel_min_elements(os.environ.get("OMP_WAIT_POLICY", ""))
+
+
+def _threads(array, n_threads):
+    return n_threads if n_threads == 1 or array.size >= _PARALLEL_MIN else 1
+
+
 def _specialisations(ncs, mc):
     """{(dtype, channels_last): kernel}, resolved once: Cython's fused-type
     dispatch by signature costs more than a small call's whole kernel."""
@@ -246,7 +267,8 @@ def moments(batch, shift, n_threads):
     """float64 (sum(x - shift), sum((x - shift)**2)) per channel."""
     c = batch.shape[1]
     s, q = np.empty(c), np.empty(c)
-    _MOMENTS[batch.dtype, batch.channels_last](batch.view, shift, s, q, n_threads)
+    view = batch.view
+    _MOMENTS[batch.dtype, batch.channels_last](view, shift, s, q, _threads(view, n_threads))
     return s, q
 
 
@@ -254,7 +276,8 @@ def grad_sums(dy, x, center, n_threads):
     """float64 (sum(dy), sum(dy * (x - center))) per channel."""
     c = x.shape[1]
     s, t = np.empty(c), np.empty(c)
-    _GRAD_SUMS[x.dtype, x.channels_last](dy.view, x.view, center, s, t, n_threads)
+    view = x.view
+    _GRAD_SUMS[x.dtype, x.channels_last](dy.view, view, center, s, t, _threads(view, n_threads))
     return s, t
 
 
@@ -291,12 +314,16 @@ def scale_shift(x, scale, shift, n_threads, out=None, center=None):
     out = empty_like(x) if out is None else out
     if center is None:
         center = np.zeros(len(scale), scale.dtype)
-    _SCALE_SHIFT[x.dtype, x.channels_last](x.view, center, scale, shift, out.view, n_threads)
+    view = x.view
+    _SCALE_SHIFT[x.dtype, x.channels_last](view, center, scale, shift, out.view,
+                                           _threads(view, n_threads))
     return out
 
 
 def grad_input(dy, x, a, b, m, c, n_threads, out=None):
     """a[c] * dy + b[c] * (x - m[c]) + c[c] into a new (or the given) Batch."""
     out = empty_like(x) if out is None else out
-    _GRAD_INPUT[x.dtype, x.channels_last](dy.view, x.view, a, b, m, c, out.view, n_threads)
+    view = x.view
+    _GRAD_INPUT[x.dtype, x.channels_last](dy.view, view, a, b, m, c, out.view,
+                                          _threads(view, n_threads))
     return out

@@ -415,3 +415,30 @@ def test_coefficients_decline_other_weight_dtypes():
                                                 None, 1e-5, *out)
     with pytest.raises(ValueError, match="weight"):
         _normalize.coefficients["float"](np.zeros(c), np.ones(c), np.ones(c + 1), None, 1e-5, *out)
+
+
+# --------------------------------------------------------------------------- small calls
+
+
+def test_small_calls_stay_on_one_thread_only_when_idle_threads_sleep():
+    from cbn import _layout
+    assert _layout._parallel_min_elements("PASSIVE") == 1 << 19
+    assert _layout._parallel_min_elements(" passive") == 1 << 19
+    for policy in ("", "ACTIVE", "active"):
+        assert _layout._parallel_min_elements(policy) == 0
+
+
+def test_small_calls_give_the_same_result_on_one_thread(rng, monkeypatch):
+    from cbn import _layout
+    x = rng.standard_normal((4, 8, 300)).astype(np.float32)
+    layer = cbn.BatchNorm1d(8)
+    original = cbn.get_num_threads()
+    cbn.set_num_threads(2)
+    try:
+        monkeypatch.setattr(_layout, "_PARALLEL_MIN", 0)
+        parallel = layer(x).copy()
+        monkeypatch.setattr(_layout, "_PARALLEL_MIN", 1 << 30)
+        assert _layout._threads(x, 2) == 1
+        assert np.array_equal(layer(x), parallel)
+    finally:
+        cbn.set_num_threads(original)
