@@ -24,7 +24,8 @@ from _simd cimport (cbn_row_moments_f, cbn_row_moments_d, cbn_rows_moments_f,
                     cbn_rows_moments_d, cbn_row_grad_sums_f, cbn_row_grad_sums_d,
                     cbn_rows_grad_sums_f, cbn_rows_grad_sums_d, cbn_sample_moments_f,
                     cbn_sample_moments_d, cbn_sample_grad_sums_f, cbn_sample_grad_sums_d)
-from _blocks cimport (UNIT_ELEMENTS, MAX_UNITS, SMALL_BATCH, unit_count, ceil_div, threads_for,
+from _blocks cimport (UNIT_ELEMENTS, MAX_UNITS, SMALL_BATCH, unit_count, mc_reduction_units,
+                     ceil_div, threads_for,
                      check_rows, check_extents)
 
 ctypedef fused floating:
@@ -138,7 +139,7 @@ cdef int reduce_mc(Reduction kind, const floating[:, :] a, const floating[:, :] 
                    const double[::1] k, double[::1] out_s, double[::1] out_q,
                    int n_threads) except -1:
     cdef Py_ssize_t M = a.shape[0], C = a.shape[1]
-    cdef Py_ssize_t units = unit_count(M, C)
+    cdef Py_ssize_t units = mc_reduction_units(M, C)
     cdef Py_ssize_t rows_per_unit = ceil_div(M, units)
     cdef Py_ssize_t a_stride = a.strides[0] // sizeof(floating)
     cdef Py_ssize_t b_stride = b.strides[0] // sizeof(floating)
