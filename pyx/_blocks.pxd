@@ -44,6 +44,17 @@ cdef inline Py_ssize_t mc_reduction_units(Py_ssize_t rows, Py_ssize_t C) noexcep
     return units
 
 
+cdef inline Py_ssize_t ncs_reduction_units(Py_ssize_t N, Py_ssize_t C,
+                                           Py_ssize_t S) noexcept nogil:
+    """Work units (chunks of the batch) of an (N, C, S) reduction, N >= SMALL_BATCH:
+    like channels-last, each unit covers at least MC_UNIT_MIN_ROWS values per channel."""
+    cdef Py_ssize_t units = unit_count(N, C * S)
+    cdef Py_ssize_t cap = N * S // MC_UNIT_MIN_ROWS
+    if units > cap:
+        units = cap if cap > 1 else 1
+    return units
+
+
 cdef inline int threads_for(Py_ssize_t elements, int n_threads) noexcept nogil:
     return 1 if elements < PARALLEL_MIN else n_threads
 

@@ -25,6 +25,7 @@ from _simd cimport (cbn_row_moments_f, cbn_row_moments_d, cbn_rows_moments_f,
                     cbn_rows_grad_sums_f, cbn_rows_grad_sums_d, cbn_sample_moments_f,
                     cbn_sample_moments_d, cbn_sample_grad_sums_f, cbn_sample_grad_sums_d)
 from _blocks cimport (UNIT_ELEMENTS, MAX_UNITS, SMALL_BATCH, unit_count, mc_reduction_units,
+                     ncs_reduction_units,
                      ceil_div, threads_for,
                      check_rows, check_extents)
 
@@ -87,7 +88,7 @@ cdef int reduce_ncs(Reduction kind, const floating[:, :, :] a, const floating[:,
     check_extents(C, out_q.shape[0], "the output")
     if N >= SMALL_BATCH:
         # Units are chunks of the batch; each covers every channel in address order.
-        units = unit_count(N, C * S)
+        units = ncs_reduction_units(N, C, S)
         rows_per_unit = ceil_div(N, units)
         segments = 1
         seg_len = S
