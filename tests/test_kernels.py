@@ -39,6 +39,8 @@ SHAPES = sorted(
     # batches of 8 or more: (N, C, S) reductions go a sample (every channel) per
     # call, elementwise kernels a range of rows per call; S = 49 as in ResNet
     | {(8, 3, 49), (9, 5, 7), (12, 70, 3)}
+    # channels-last with >= 256 channels: rows read in groups of 8 (+ remainder)
+    | {(2, 300, 13), (5, 260, 9)}
 )
 
 NCS_LAYOUTS = ["contiguous", "n_strided", "c_strided", "n_reversed"]
@@ -302,7 +304,8 @@ def _flatten(result):
     "family, shape",
     [("ncs", (8, 16, 5000)), ("mc", (20000, 16)),
      # one channel or one sample: the work can only be split along the reduction
-     ("ncs", (64, 1, 5000)), ("ncs", (1, 3, 200000)), ("mc", (100000, 1)), ("mc", (7, 4096))],
+     ("ncs", (64, 1, 5000)), ("ncs", (1, 3, 200000)), ("mc", (100000, 1)), ("mc", (7, 4096)),
+     ("mc", (601, 300))],
 )
 @pytest.mark.parametrize("n_threads", [2, 3])
 def test_results_are_bitwise_identical_for_any_thread_count(family, shape, dtype, n_threads, rng):
