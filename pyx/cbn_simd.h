@@ -92,39 +92,47 @@ CBN_CLONES static void cbn_row_moments_##SUFFIX(                               \
     *q += b;                                                                   \
 }                                                                              \
                                                                                \
-/* Per channel: s[c] += sum_r (x[r, c] - k[c]), q[c] += its square.        \
- * Channels go CBN_LANES at a time with their sums held in registers, over    \
- * CBN_ROW_BLOCK rows at a time (re-read from L1 for the next channels):      \
- * accumulating into s and q in memory row after row was 3-5x slower. */     \
+/* Per channel: s[c] += sum_r (x[r, c] - k[c]), q[c] += its square.            \
+ * Channels go CBN_LANES at a time with their sums held in registers, over     \
+ * CBN_ROW_BLOCK rows at a time (re-read from L1 for the next channels):       \
+ * accumulating into s and q in memory row after row was 3-5x slower. */       \
+/* rows_moments for C >= CBN_WIDE_ROWS: rows in address order, in groups. */   \
+CBN_CLONES static void cbn_rows_moments_wide_##SUFFIX(                         \
+        const T *x, ptrdiff_t rows, ptrdiff_t row_stride, ptrdiff_t C,         \
+        const double *k, double *s, double *q)                                 \
+{                                                                              \
+    ptrdiff_t r = 0;                                                           \
+    for (; r + CBN_ROW_GROUP <= rows; r += CBN_ROW_GROUP) {                    \
+        const T *xr = x + r * row_stride;                                      \
+        _Pragma("omp simd")                                                    \
+        for (ptrdiff_t c = 0; c < C; c++) {                                    \
+            double kc = k[c], a = 0.0, b = 0.0;                                \
+            for (int i = 0; i < CBN_ROW_GROUP; i++) {                          \
+                double d = (double)xr[i * row_stride + c] - kc;                \
+                a += d;                                                        \
+                b += d * d;                                                    \
+            }                                                                  \
+            s[c] += a;                                                         \
+            q[c] += b;                                                         \
+        }                                                                      \
+    }                                                                          \
+    for (; r < rows; r++) {                                                    \
+        const T *xr = x + r * row_stride;                                      \
+        _Pragma("omp simd")                                                    \
+        for (ptrdiff_t c = 0; c < C; c++) {                                    \
+            double d = (double)xr[c] - k[c];                                   \
+            s[c] += d;                                                         \
+            q[c] += d * d;                                                     \
+        }                                                                      \
+    }                                                                          \
+}                                                                              \
+                                                                               \
 CBN_CLONES static void cbn_rows_moments_##SUFFIX(                              \
         const T *x, ptrdiff_t rows, ptrdiff_t row_stride, ptrdiff_t C,         \
         const double *k, double *s, double *q)                                 \
 {                                                                              \
     if (C >= CBN_WIDE_ROWS) {                                                  \
-        ptrdiff_t r = 0;                                                       \
-        for (; r + CBN_ROW_GROUP <= rows; r += CBN_ROW_GROUP) {                \
-            const T *xr = x + r * row_stride;                                  \
-            _Pragma("omp simd")                                                \
-            for (ptrdiff_t c = 0; c < C; c++) {                                \
-                double kc = k[c], a = 0.0, b = 0.0;                            \
-                for (int i = 0; i < CBN_ROW_GROUP; i++) {                      \
-                    double d = (double)xr[i * row_stride + c] - kc;            \
-                    a += d;                                                    \
-                    b += d * d;                                                \
-                }                                                              \
-                s[c] += a;                                                     \
-                q[c] += b;                                                     \
-            }                                                                  \
-        }                                                                      \
-        for (; r < rows; r++) {                                                \
-            const T *xr = x + r * row_stride;                                  \
-            _Pragma("omp simd")                                                \
-            for (ptrdiff_t c = 0; c < C; c++) {                                \
-                double d = (double)xr[c] - k[c];                               \
-                s[c] += d;                                                     \
-                q[c] += d * d;                                                 \
-            }                                                                  \
-        }                                                                      \
+        cbn_rows_moments_wide_##SUFFIX(x, rows, row_stride, C, k, s, q);       \
         return;                                                                \
     }                                                                          \
     for (ptrdiff_t r0 = 0; r0 < rows; r0 += CBN_ROW_BLOCK) {                   \
@@ -143,7 +151,7 @@ CBN_CLONES static void cbn_rows_moments_##SUFFIX(                              \
     }                                                                          \
 }                                                                              \
                                                                                \
-/* y[r, c] = (x[r, c] - m[c]) * a[c] + b[c] over a block of channels-last rows. */\
+/* y[r, c] = (x[r, c] - m[c]) * a[c] + b[c] over a block of channels-last rows. */ \
 CBN_CLONES static void cbn_rows_scale_shift_##SUFFIX(                          \
         const T *x, ptrdiff_t x_stride, T *y, ptrdiff_t y_stride,              \
         ptrdiff_t rows, ptrdiff_t C, const T *m, const T *a, const T *b)       \
@@ -172,38 +180,47 @@ CBN_CLONES static void cbn_row_grad_sums_##SUFFIX(                             \
     *t += b;                                                                   \
 }                                                                              \
                                                                                \
-/* Per channel over a block of channels-last rows (blocked as rows_moments). */\
+/* Per channel over a block of channels-last rows (blocked as rows_moments). */ \
+/* rows_grad_sums for C >= CBN_WIDE_ROWS: rows in address order, in groups. */ \
+CBN_CLONES static void cbn_rows_grad_sums_wide_##SUFFIX(                       \
+        const T *dy, ptrdiff_t dy_stride, const T *x, ptrdiff_t x_stride,      \
+        ptrdiff_t rows, ptrdiff_t C, const double *k, double *s, double *t)    \
+{                                                                              \
+    ptrdiff_t r = 0;                                                           \
+    for (; r + CBN_ROW_GROUP <= rows; r += CBN_ROW_GROUP) {                    \
+        const T *gr = dy + r * dy_stride;                                      \
+        const T *xr = x + r * x_stride;                                        \
+        _Pragma("omp simd")                                                    \
+        for (ptrdiff_t c = 0; c < C; c++) {                                    \
+            double kc = k[c], a = 0.0, b = 0.0;                                \
+            for (int i = 0; i < CBN_ROW_GROUP; i++) {                          \
+                double g = (double)gr[i * dy_stride + c];                      \
+                a += g;                                                        \
+                b += g * ((double)xr[i * x_stride + c] - kc);                  \
+            }                                                                  \
+            s[c] += a;                                                         \
+            t[c] += b;                                                         \
+        }                                                                      \
+    }                                                                          \
+    for (; r < rows; r++) {                                                    \
+        const T *gr = dy + r * dy_stride;                                      \
+        const T *xr = x + r * x_stride;                                        \
+        _Pragma("omp simd")                                                    \
+        for (ptrdiff_t c = 0; c < C; c++) {                                    \
+            double g = (double)gr[c];                                          \
+            s[c] += g;                                                         \
+            t[c] += g * ((double)xr[c] - k[c]);                                \
+        }                                                                      \
+    }                                                                          \
+}                                                                              \
+                                                                               \
 CBN_CLONES static void cbn_rows_grad_sums_##SUFFIX(                            \
         const T *dy, ptrdiff_t dy_stride, const T *x, ptrdiff_t x_stride,      \
         ptrdiff_t rows, ptrdiff_t C, const double *k, double *s, double *t)    \
 {                                                                              \
     if (C >= CBN_WIDE_ROWS) {                                                  \
-        ptrdiff_t r = 0;                                                       \
-        for (; r + CBN_ROW_GROUP <= rows; r += CBN_ROW_GROUP) {                \
-            const T *gr = dy + r * dy_stride;                                  \
-            const T *xr = x + r * x_stride;                                    \
-            _Pragma("omp simd")                                                \
-            for (ptrdiff_t c = 0; c < C; c++) {                                \
-                double kc = k[c], a = 0.0, b = 0.0;                            \
-                for (int i = 0; i < CBN_ROW_GROUP; i++) {                      \
-                    double g = (double)gr[i * dy_stride + c];                  \
-                    a += g;                                                    \
-                    b += g * ((double)xr[i * x_stride + c] - kc);              \
-                }                                                              \
-                s[c] += a;                                                     \
-                t[c] += b;                                                     \
-            }                                                                  \
-        }                                                                      \
-        for (; r < rows; r++) {                                                \
-            const T *gr = dy + r * dy_stride;                                  \
-            const T *xr = x + r * x_stride;                                    \
-            _Pragma("omp simd")                                                \
-            for (ptrdiff_t c = 0; c < C; c++) {                                \
-                double g = (double)gr[c];                                      \
-                s[c] += g;                                                     \
-                t[c] += g * ((double)xr[c] - k[c]);                            \
-            }                                                                  \
-        }                                                                      \
+        cbn_rows_grad_sums_wide_##SUFFIX(dy, dy_stride, x, x_stride, rows, C,  \
+                                         k, s, t);                             \
         return;                                                                \
     }                                                                          \
     for (ptrdiff_t r0 = 0; r0 < rows; r0 += CBN_ROW_BLOCK) {                   \
@@ -223,7 +240,7 @@ CBN_CLONES static void cbn_rows_grad_sums_##SUFFIX(                            \
     }                                                                          \
 }                                                                              \
                                                                                \
-/* dx = a * dy + b * (x - m) + c over a block of channels-last rows, per channel. */   \
+/* dx = a * dy + b * (x - m) + c over a block of channels-last rows, per channel. */ \
 CBN_CLONES static void cbn_rows_grad_input_##SUFFIX(                           \
         const T *dy, ptrdiff_t dy_stride, const T *x, ptrdiff_t x_stride,      \
         T *dx, ptrdiff_t dx_stride, ptrdiff_t rows, ptrdiff_t C,               \
@@ -239,12 +256,12 @@ CBN_CLONES static void cbn_rows_grad_input_##SUFFIX(                           \
     }                                                                          \
 }
 
-/* (N, C, S) loops over many rows in one call: with S = 49 or 196 (ResNet's   \
- * late layers) a call per row through the ifunc costs as much as the row. */ \
+/* (N, C, S) loops over many rows in one call: with S = 49 or 196 (ResNet's    \
+ * late layers) a call per row through the ifunc costs as much as the row. */  \
 #define CBN_DEFINE_NCS_KERNELS(T, SUFFIX)                                      \
                                                                                \
-/* Per channel c < C of one sample: acc[2c] += sum(x[c] - k[c]),              \
- * acc[2c + 1] += sum((x[c] - k[c])^2); channel rows x_sc apart. */           \
+/* Per channel c < C of one sample: acc[2c] += sum(x[c] - k[c]),               \
+ * acc[2c + 1] += sum((x[c] - k[c])^2); channel rows x_sc apart. */            \
 CBN_CLONES static void cbn_sample_moments_##SUFFIX(                            \
         const T *x, ptrdiff_t x_sc, ptrdiff_t C, ptrdiff_t S,                  \
         const double *k, double *acc)                                          \
@@ -284,9 +301,9 @@ CBN_CLONES static void cbn_sample_grad_sums_##SUFFIX(                          \
 }                                                                              \
                                                                                \
 /* y = (x - m[c]) * a[c] + b[c] over rows row0 <= row < row1 (row = n*C + c)   \
- * of (N, C, S) arrays; strides in elements, rows contiguous.  With m the     \
- * mean rounded to T, x - m is exact near the mean (Sterbenz), so y keeps T's \
- * accuracy however far the data sit from zero; b carries the rest. */       \
+ * of (N, C, S) arrays; strides in elements, rows contiguous.  With m the      \
+ * mean rounded to T, x - m is exact near the mean (Sterbenz), so y keeps T's  \
+ * accuracy however far the data sit from zero; b carries the rest. */         \
 CBN_CLONES static void cbn_ncs_scale_shift_##SUFFIX(                           \
         const T *x, ptrdiff_t x_sn, ptrdiff_t x_sc, T *y, ptrdiff_t y_sn,      \
         ptrdiff_t y_sc, ptrdiff_t C, ptrdiff_t S, ptrdiff_t row0,              \
@@ -307,7 +324,7 @@ CBN_CLONES static void cbn_ncs_scale_shift_##SUFFIX(                           \
     }                                                                          \
 }                                                                              \
                                                                                \
-/* dx = a[c] * dy + b[c] * (x - m[c]) + c[c] over rows row0..row1-1. */         \
+/* dx = a[c] * dy + b[c] * (x - m[c]) + c[c] over rows row0..row1-1. */        \
 CBN_CLONES static void cbn_ncs_grad_input_##SUFFIX(                            \
         const T *dy, ptrdiff_t dy_sn, ptrdiff_t dy_sc, const T *x,             \
         ptrdiff_t x_sn, ptrdiff_t x_sc, T *dx, ptrdiff_t dx_sn,                \
