@@ -29,7 +29,9 @@ import time
 TRAIN_BATCH = 16
 TRAIN_SIZE = 112
 EVAL_SIZE = 224
-BN_EVENT = re.compile(r"batch_?norm", re.IGNORECASE)
+# Profiler events of batch norm: torch's (aten::batch_norm, NativeBatchNormBackward0)
+# and cbn.torch's (an autograd Function or custom ops, named after batch norm or cbn).
+BN_EVENT = re.compile(r"batch_?norm|cbn", re.IGNORECASE)
 
 
 def build_resnet50(torch, num_classes=1000):
