@@ -159,7 +159,7 @@ def run(torch, threads_list, quick=False, log=print):
 
     # Correctness first: the same weights give the same loss, gradients and outputs.
     states = {name: copy.deepcopy(m.state_dict()) for name, m in models.items()}
-    losses = {name: float(train_step(m)()) for name, m in models.items()}
+    losses = {name: float(train_step(m)().detach()) for name, m in models.items()}
     grads = {name: m.conv1.weight.grad.clone() for name, m in models.items()}
     for name, m in models.items():
         m.load_state_dict(states[name])  # undo the running-statistics update
@@ -171,8 +171,11 @@ def run(torch, threads_list, quick=False, log=print):
                      / outputs["torch"].abs().max())
     checks = {"loss_torch": losses["torch"], "loss_cbn": losses["cbn.torch"],
               "conv1_grad_rel_diff": grad_diff, "eval_output_rel_diff": out_diff}
-    ok = abs(losses["torch"] - losses["cbn.torch"]) < 1e-3 * abs(losses["torch"]) \
-        and grad_diff < 1e-2 and out_diff < 1e-3
+    # 50 training-mode batch norms amplify float32 rounding: the first layer's
+    # gradient of either float32 model differs from a float64 run by 1.4-1.9%
+    # (measured at this seed), so the two agree to a few percent, not better.
+    ok = abs(losses["torch"] - losses["cbn.torch"]) < 1e-4 * abs(losses["torch"]) \
+        and grad_diff < 5e-2 and out_diff < 1e-3
     log(f"ResNet-50 check: loss {losses['torch']:.5f} (torch) vs {losses['cbn.torch']:.5f} "
         f"(cbn.torch), conv1 grad rel diff {grad_diff:.2g}, eval output rel diff "
         f"{out_diff:.2g}: {'ok' if ok else 'MISMATCH'}")
