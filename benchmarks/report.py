@@ -142,3 +142,101 @@ def write_chart(path, rows, copy_gbps):
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return None
+
+
+# --- the ResNet-50 sweep ---------------------------------------------------------
+
+SWEEP_COLUMNS = ("mode", "layout", "C", "H", "thr", "torch ms", "cbn.torch ms", "cbn ms",
+                 "cbn.torch vs torch", "cbn vs torch", "cbn GB/s", "other load")
+
+
+def _sweep_cells(row):
+    def ms(name):
+        stats = row.get(name)
+        return None if stats is None else stats["median_ms"]
+
+    def ratio(key):
+        value = row.get(key)
+        return "-" if value is None else f"{value:.2f}x"
+
+    gbps = row["cbn"]["gbps"] if row.get("cbn") else None
+    return [("fwd+bwd" if row["mode"] == "train+bwd" else "eval"), row["layout"],
+            str(row["channels"]), str(row["size"]), str(row["threads"]),
+            fmt_ms(ms("torch")), fmt_ms(ms("cbn.torch")), fmt_ms(ms("cbn")),
+            ratio("speedup_cbn_torch"), ratio("speedup"),
+            "-" if gbps is None else f"{gbps:.1f}", _fmt_share(row.get("others_cpu_share"))]
+
+
+def _sorted_sweep(rows):
+    """fwd+bwd first, then by threads, layout, and the shapes in network order."""
+    order = {(c, h): i for i, (c, h) in enumerate(
+        [(64, 112), (64, 56), (256, 56), (128, 28), (512, 28), (256, 14), (1024, 14), (512, 7),
+         (2048, 7)])}
+    return sorted(rows, key=lambda r: (r["mode"] != "train+bwd", r["threads"],
+                                       r["layout"] != "NCHW",
+                                       order.get((r["channels"], r["size"]), 99)))
+
+
+def sweep_table(rows):
+    lines = [list(SWEEP_COLUMNS)] + [_sweep_cells(row) for row in _sorted_sweep(rows)]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(SWEEP_COLUMNS))]
+    render = lambda line: "  ".join(  # noqa: E731
+        cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+    out = [render(lines[0]), "  ".join("-" * w for w in widths)]
+    return "\n".join(out + [render(line) for line in lines[1:]])
+
+
+def sweep_markdown(rows):
+    out = ["| " + " | ".join(SWEEP_COLUMNS) + " |",
+           "|" + "|".join(["---"] * 2 + ["---:"] * (len(SWEEP_COLUMNS) - 2)) + "|"]
+    out += ["| " + " | ".join(_sweep_cells(row)) + " |" for row in _sorted_sweep(rows)]
+    return "\n".join(out)
+
+
+def extra_target_lines(results):
+    """Lines for (label, value text, met) triples; met None is information only."""
+    marks = {True: "✓", False: "✗", None: "·"}
+    return [f"{marks[met]} {label}: {value}" for label, value, met in results]
+
+
+def write_sweep_chart(path, rows):
+    """Speed-up over torch per ResNet-50 shape: panels mode x threads, bars layout x front end."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed"
+    modes = [m for m in ("train+bwd", "eval") if any(r["mode"] == m for r in rows)]
+    thread_counts = sorted({r["threads"] for r in rows})
+    shapes = sorted({(r["channels"], r["size"]) for r in rows},
+                    key=lambda cs: (-cs[1], cs[0]))
+    series = [("NCHW", "speedup_cbn_torch", "cbn.torch NCHW", "tab:blue"),
+              ("CL", "speedup_cbn_torch", "cbn.torch channels-last", "tab:cyan"),
+              ("NCHW", "speedup", "NumPy layer NCHW", "tab:green"),
+              ("CL", "speedup", "NumPy layer channels-last", "tab:olive")]
+    fig, axes = plt.subplots(len(modes), len(thread_counts), squeeze=False, sharey=True,
+                             figsize=(6.5 * len(thread_counts), 3.6 * len(modes)))
+    width = 0.2
+    for i, mode in enumerate(modes):
+        for j, threads in enumerate(thread_counts):
+            ax = axes[i][j]
+            by = {(r["layout"], r["channels"], r["size"]): r for r in rows
+                  if r["mode"] == mode and r["threads"] == threads}
+            for k, (layout, key, label, color) in enumerate(series):
+                values = [(by.get((layout,) + shape) or {}).get(key) or 0.0 for shape in shapes]
+                ax.bar([p + (k - 1.5) * width for p in range(len(shapes))], values, width,
+                       label=label, color=color)
+            ax.axhline(1.0, color="black", linewidth=1)
+            ax.set_xticks(range(len(shapes)))
+            ax.set_xticklabels([f"{c}x{h}" for c, h in shapes], rotation=45, fontsize="small")
+            ax.set_title(f"{'fwd+bwd' if mode == 'train+bwd' else 'eval'}, {threads} "
+                         f"thread{'s' if threads > 1 else ''}")
+            if j == 0:
+                ax.set_ylabel("speed-up over torch (x)")
+    axes[0][-1].legend(fontsize="x-small", loc="upper right")
+    fig.suptitle("ResNet-50 batch-norm shapes (C x H, batch 32): torch time / cbn time")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None

@@ -73,11 +73,19 @@ def parse_args(argv=None):
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2],
                         help="thread counts to run at (default: 1 2)")
     parser.add_argument("--cases", nargs="+", default=None, metavar="SUBSTRING",
-                        help="run only the cases whose key or title contains one of these")
+                        help="run only the cases whose key or title contains one of these "
+                             "(sweep keys: r50-fwdbwd-cl-256x14 ...; 'resnet' selects the "
+                             "ResNet-50 model rows)")
     parser.add_argument("--seconds", type=float, default=3.0,
                         help="time budget per case and thread count (default: 3)")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: 0.3 s per case, fewer rounds")
+    parser.add_argument("--sweep-seconds", type=float, default=1.5,
+                        help="time budget per ResNet-50 sweep row and thread count (default: 1.5)")
+    parser.add_argument("--no-sweep", action="store_true",
+                        help="leave out the ResNet-50 shape sweep (the r50-* cases)")
+    parser.add_argument("--no-resnet", action="store_true",
+                        help="leave out the ResNet-50 model (training step, batch-1 eval)")
     parser.add_argument("--no-torch", action="store_true", help="leave PyTorch out")
     parser.add_argument("--no-numpy", action="store_true", help="leave the NumPy twin out")
     parser.add_argument("--omp-wait-policy", choices=["passive", "active", "default"],
@@ -308,13 +316,19 @@ def make_row(case, threads, prepared, stats, copy_gbps_now, diffs):
     row = {"key": case.key, "title": case.title, "mode": case.mode, "threads": threads,
            "dtype": case.dtype.name, "latency": case.latency, "bytes_moved": prepared.bytes_moved,
            "copy_gbps_before_row": copy_gbps_now, "max_abs_diff": diffs}
-    for name in ("cbn", "torch", "numpy"):
+    for name in ("cbn", "torch", "numpy", "cbn.torch"):
         entry = stats.get(name)
         if entry is not None:
             entry["gbps"] = prepared.bytes_moved / (entry["median_ms"] * 1e-3) / 1e9
         row[name] = entry
     if row["cbn"] and row["torch"]:
         row["speedup"] = row["torch"]["median_ms"] / row["cbn"]["median_ms"]
+    if getattr(case, "sweep", False):
+        row.update(sweep=True, layout="CL" if case.channels_last else "NCHW",
+                   shape_label=f"C={case.channels} H={case.size}",
+                   channels=case.channels, size=case.size)
+        if row["cbn.torch"] and row["torch"]:
+            row["speedup_cbn_torch"] = row["torch"]["median_ms"] / row["cbn.torch"]["median_ms"]
     return row
 
 
@@ -336,14 +350,20 @@ def main(argv=None):
     import cbn
     import cases
     import report
+    import sweep
     import targets
 
-    todo = selected_cases(cases.CASES, args.cases)
-    if args.list or not todo:
+    all_cases = list(cases.CASES) + ([] if args.no_sweep else list(sweep.SWEEP))
+    todo = selected_cases(all_cases, args.cases)
+    want_resnet = (torch is not None and not args.no_resnet
+                   and (args.cases is None or any("resnet" in c.lower() for c in args.cases)))
+    if args.list or not (todo or want_resnet):
         if not todo:
             print(f"no case matches {args.cases}; the cases are:", file=sys.stderr)
-        for case in cases.CASES:
+        for case in all_cases:
             print(f"{case.key:30s} {case.title}", file=sys.stdout if args.list else sys.stderr)
+        print(f"{'resnet':30s} ResNet-50 training step and batch-1 eval (benchmarks/resnet50.py)",
+              file=sys.stdout if args.list else sys.stderr)
         return 0 if args.list else 1
     budget = 0.3 if args.quick else args.seconds
     max_threads = os.cpu_count() or 1
@@ -368,7 +388,7 @@ def main(argv=None):
 
     check = None
     check_case = next(c for c in cases.CASES if c.key == OPENMP_CHECK_CASE)
-    if torch is not None and not args.quick:
+    if torch is not None and not args.quick and todo:
         check = openmp_check(np, check_case, max(args.threads), 1.0, cbn, torch)
         print(f"OpenMP interference check ({check_case.title}, {check['threads']} threads): "
               f"cbn {check['cbn_alone_ms']:.2f} ms alone, {check['cbn_interleaved_ms']:.2f} ms "
@@ -385,16 +405,19 @@ def main(argv=None):
         if args.no_numpy:
             prepared.calls["numpy"] = None
         expected = as_numpy(np, prepared.reference()) if prepared.reference else None
+        row_budget = budget
+        if getattr(case, "sweep", False):
+            row_budget = 0.3 if args.quick else args.sweep_seconds
         for threads in args.threads:
             if case.threads is not None and threads not in case.threads:
                 continue
             set_threads(threads, cbn, torch)
+            diffs = agreement(np, prepared, expected)  # checked before timing
             copy_now = probe.measure()
             row_load = OtherLoad()
-            stats = measure(prepared.calls, budget,
+            stats = measure(prepared.calls, row_budget,
                             min_rounds=3 if args.quick else MIN_ROUNDS)
             others = row_load.share()
-            diffs = agreement(np, prepared, expected)
             row = make_row(case, threads, prepared, stats, copy_now, diffs)
             row["others_cpu_share"] = others
             rows.append(row)
@@ -403,6 +426,12 @@ def main(argv=None):
                               for name, s in stats.items()), file=sys.stderr)
         del prepared, expected
         gc.collect()
+    resnet_rows, resnet_checks = [], None
+    if want_resnet:
+        import resnet50
+        resnet_rows, resnet_checks = resnet50.run(
+            torch, args.threads, quick=args.quick,
+            log=lambda line: print(line, file=sys.stderr))
     elapsed = time.perf_counter() - started
     others = run_load.share()
 
@@ -411,9 +440,22 @@ def main(argv=None):
         if row["cbn"]:
             row["copy_share"] = row["cbn"]["gbps"] / copy_gbps
     results = targets.check(rows)
+    kernel_rows = [row for row in rows if not row.get("sweep")]
+    sweep_rows = [row for row in rows if row.get("sweep")]
+    extra_results = targets.sweep_results(sweep_rows) + targets.resnet_results(resnet_rows)
 
     print()
-    print(report.text_table(rows))
+    if kernel_rows:
+        print(report.text_table(kernel_rows))
+    if sweep_rows:
+        print()
+        print("ResNet-50 batch-norm shapes at batch 32 (speed-up = torch time / that time, "
+              "same run; cbn = the NumPy layer)")
+        print(report.sweep_table(sweep_rows))
+    if resnet_rows:
+        import resnet50
+        print()
+        print(resnet50.table(resnet_rows))
     print("(other load: CPU share other processes took during the row; ! above 10%)")
     print()
     print(f"copy bandwidth (np.copyto 200 MB, one thread, read + write): median {copy_gbps:.1f} "
@@ -434,6 +476,9 @@ def main(argv=None):
     if results:
         print("\ntargets (speed-up = PyTorch time / cbn time, same run):")
         print("\n".join("  " + line for line in report.target_lines(results)))
+    if extra_results:
+        print("\nResNet-50 targets (issue 11):")
+        print("\n".join("  " + line for line in report.extra_target_lines(extra_results)))
 
     args.out.mkdir(parents=True, exist_ok=True)
     document = {
@@ -452,19 +497,33 @@ def main(argv=None):
         "copy_gbps_samples": probe.samples,
         "byte_model": cases.BYTES_PER_ELEMENT,
         "rows": rows,
+        "resnet50": {"rows": resnet_rows, "checks": resnet_checks},
         "targets": [{"label": t.label, "key": t.key, "threads": t.threads,
                      "metric": t.metric, "threshold": t.threshold,
                      "value": value, "met": met} for t, value, met in results],
+        "resnet50_targets": [{"label": label, "value": value, "met": met}
+                             for label, value, met in extra_results],
     }
     report.write_json(args.out / "bench.json", document)
     with open(args.out / "bench.md", "w") as f:
         f.write(f"Machine: {describe_machine(info)}; copy bandwidth {copy_gbps:.1f} GB/s.\n\n")
-        f.write(report.markdown_table(rows) + "\n\n")
-        f.write("\n".join(f"- {line}" for line in report.target_lines(results)) + "\n")
-    skipped = report.write_chart(args.out / "bench.png", rows, copy_gbps)
+        if kernel_rows:
+            f.write(report.markdown_table(kernel_rows) + "\n\n")
+        if sweep_rows:
+            f.write(report.sweep_markdown(sweep_rows) + "\n\n")
+        if resnet_rows:
+            f.write("```\n" + resnet50.table(resnet_rows) + "\n```\n\n")
+        f.write("\n".join(f"- {line}" for line in report.target_lines(results)
+                          + report.extra_target_lines(extra_results)) + "\n")
+    skipped = report.write_chart(args.out / "bench.png", kernel_rows, copy_gbps) \
+        if kernel_rows else "no kernel rows"
     written = ["bench.json", "bench.md"] + ([] if skipped else ["bench.png"])
+    if sweep_rows:
+        sweep_skipped = report.write_sweep_chart(args.out / "sweep.png", sweep_rows)
+        if not sweep_skipped:
+            written.append("sweep.png")
     print(f"\nwrote {', '.join(str(args.out / name) for name in written)}")
-    if skipped:
+    if skipped and kernel_rows:
         print(f"chart skipped: {skipped} (`.venv/bin/python -m pip install matplotlib`)")
     return 0
 

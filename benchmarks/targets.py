@@ -86,3 +86,77 @@ def check(rows):
         value = target.value(row)
         results.append((target, value, target.met(value)))
     return results
+
+
+# --- the ResNet-50 sweep and the ResNet-50 model (issue 11) --------------------
+
+SWEEP_MIN_SPEEDUP = 1.0      # every sweep row, through cbn.torch
+SWEEP_GEOMEAN_FWDBWD = 1.5   # geometric mean over the fwd+bwd rows, through cbn.torch
+RESNET_STEP_MIN = 1.0        # torch step time / cbn.torch step time
+RESNET_BN_SHARE_MAX = 0.7    # cbn.torch BN time / torch BN time (profiler)
+RESNET_EVAL_MIN = 1.0        # torch batch-1 eval latency / cbn.torch latency
+
+
+def _geomean(values):
+    import math
+    values = [v for v in values if v]
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def sweep_results(rows):
+    """[(label, value text, met)] for the sweep rows (those with a cbn.torch speed-up)."""
+    rows = [row for row in rows if row.get("sweep")]
+    results = []
+    groups = {}
+    for row in rows:
+        groups.setdefault((row["mode"], row["layout"], row["threads"]), []).append(row)
+    for (mode, layout, threads), group in sorted(groups.items()):
+        measured = [r for r in group if r.get("speedup_cbn_torch") is not None]
+        if not measured:
+            continue
+        worst = min(measured, key=lambda r: r["speedup_cbn_torch"])
+        what = "fwd+bwd" if mode == "train+bwd" else "eval"
+        results.append((f"sweep {what} {layout}, {threads} thread{'s' if threads > 1 else ''}: "
+                        f"every shape >= {SWEEP_MIN_SPEEDUP:g}x through cbn.torch",
+                        f"min {worst['speedup_cbn_torch']:.2f}x ({worst['shape_label']}), "
+                        f"{sum(r['speedup_cbn_torch'] >= SWEEP_MIN_SPEEDUP for r in measured)}"
+                        f"/{len(measured)} met",
+                        worst["speedup_cbn_torch"] >= SWEEP_MIN_SPEEDUP))
+    fwdbwd = [r["speedup_cbn_torch"] for r in rows
+              if r["mode"] == "train+bwd" and r.get("speedup_cbn_torch")]
+    if fwdbwd:
+        g = _geomean(fwdbwd)
+        results.append((f"sweep fwd+bwd geometric mean >= {SWEEP_GEOMEAN_FWDBWD:g}x "
+                        f"through cbn.torch ({len(fwdbwd)} rows)", f"{g:.2f}x",
+                        g >= SWEEP_GEOMEAN_FWDBWD))
+    numpy_fwdbwd = [r["speedup"] for r in rows if r["mode"] == "train+bwd" and r.get("speedup")]
+    if numpy_fwdbwd:
+        results.append(("(info) sweep fwd+bwd geometric mean through the NumPy layers",
+                        f"{_geomean(numpy_fwdbwd):.2f}x", None))
+    return results
+
+
+def resnet_results(rows):
+    """[(label, value text, met)] for the ResNet-50 rows of resnet50.py."""
+    results = []
+    for row in rows:
+        t = row["threads"]
+        thr = f"{t} thread{'s' if t > 1 else ''}"
+        if row["kind"] == "train":
+            ratio = row["torch_ms"] / row["cbn_ms"]
+            results.append((f"ResNet-50 training step ({row['label']}), {thr}: not slower "
+                            f"(torch/cbn.torch >= {RESNET_STEP_MIN:g})", f"{ratio:.3f}x",
+                            ratio >= RESNET_STEP_MIN))
+            if row.get("torch_bn_ms") and row.get("cbn_bn_ms") is not None:
+                share = row["cbn_bn_ms"] / row["torch_bn_ms"]
+                results.append((f"ResNet-50 training step, {thr}: BN time <= "
+                                f"{RESNET_BN_SHARE_MAX:g}x torch's (profiler)",
+                                f"{share:.2f}x ({row['cbn_bn_ms']:.1f} vs "
+                                f"{row['torch_bn_ms']:.1f} ms)",
+                                share <= RESNET_BN_SHARE_MAX))
+        else:
+            ratio = row["torch_ms"] / row["cbn_ms"]
+            results.append((f"ResNet-50 batch-1 eval latency ({row['label']}), {thr}: not "
+                            f"slower (torch/cbn.torch >= {RESNET_EVAL_MIN:g})", f"{ratio:.3f}x",
+                            ratio >= RESNET_EVAL_MIN))
+    return results

@@ -10,6 +10,8 @@ Every array the kernels see is a view of the caller's memory:
 An input that fits neither is copied once into C order.  Validation happens
 here, in Python; the kernels assume valid input and never raise.
 """
+import os
+
 import numpy as np
 
 from cbn import _normalize, _stats, _backward
@@ -226,6 +228,25 @@ def finish(batch):
 
 # --- kernel dispatch -------------------------------------------------------
 
+def _parallel_min_elements(policy):
+    """Below this many elements a kernel runs on one thread.
+
+    The kernels themselves go parallel from 32768 elements, right when idle
+    OpenMP threads spin (libgomp's default).  Under OMP_WAIT_POLICY=PASSIVE
+    idle threads sleep, and waking one costs 10-50 us: measured here, a second
+    thread only pays off from about 2**19 elements (2 MiB of float32), so
+    smaller calls (batch-1 inference, say) stay on the calling thread.
+    """
+    return 1 << 19 if policy.strip().upper() == "PASSIVE" else 0
+
+
+_PARALLEL_MIN = _parallel_min_elements(os.environ.get("OMP_WAIT_POLICY", ""))
+
+
+def _threads(array, n_threads):
+    return n_threads if n_threads == 1 or array.size >= _PARALLEL_MIN else 1
+
+
 def _specialisations(ncs, mc):
     """{(dtype, channels_last): kernel}, resolved once: Cython's fused-type
     dispatch by signature costs more than a small call's whole kernel."""
@@ -238,13 +259,16 @@ _MOMENTS = _specialisations(_stats.moments_ncs, _stats.moments_mc)
 _GRAD_SUMS = _specialisations(_stats.grad_sums_ncs, _stats.grad_sums_mc)
 _SCALE_SHIFT = _specialisations(_normalize.scale_shift_ncs, _normalize.scale_shift_mc)
 _GRAD_INPUT = _specialisations(_backward.grad_input_ncs, _backward.grad_input_mc)
+_COEFFICIENTS = {np.dtype(np.float32): _normalize.coefficients["float"],
+                 np.dtype(np.float64): _normalize.coefficients["double"]}
 
 
 def moments(batch, shift, n_threads):
     """float64 (sum(x - shift), sum((x - shift)**2)) per channel."""
     c = batch.shape[1]
     s, q = np.empty(c), np.empty(c)
-    _MOMENTS[batch.dtype, batch.channels_last](batch.view, shift, s, q, n_threads)
+    view = batch.view
+    _MOMENTS[batch.dtype, batch.channels_last](view, shift, s, q, _threads(view, n_threads))
     return s, q
 
 
@@ -252,19 +276,54 @@ def grad_sums(dy, x, center, n_threads):
     """float64 (sum(dy), sum(dy * (x - center))) per channel."""
     c = x.shape[1]
     s, t = np.empty(c), np.empty(c)
-    _GRAD_SUMS[x.dtype, x.channels_last](dy.view, x.view, center, s, t, n_threads)
+    view = x.view
+    _GRAD_SUMS[x.dtype, x.channels_last](dy.view, view, center, s, t, _threads(view, n_threads))
     return s, t
 
 
-def scale_shift(x, scale, shift, n_threads, out=None):
-    """x * scale[c] + shift[c] into a new (or the given) Batch."""
+def normalization_coefficients(mean, var, weight, bias, eps, dtype):
+    """(invstd, center, scale, shift): ``invstd = 1 / sqrt(var + eps)`` in float64
+    and, in ``dtype``, ``(x - center) * scale + shift == (x - mean) * invstd * weight + bias``.
+
+    ``center`` is the float64 ``mean`` rounded to ``dtype`` and ``shift``
+    carries the rounding's remainder: then ``x - center`` is exact for data
+    near the mean, and the output is as accurate as ``dtype`` allows at any
+    offset of the data from zero.  One compiled call (a dozen NumPy calls
+    cost 10-20 us, as much as a small tensor's kernel).
+    """
+    mean = np.ascontiguousarray(mean, np.float64)
+    var = np.ascontiguousarray(var, np.float64)
+    c = len(mean)
+    invstd = np.empty(c)
+    center, scale, shift = np.empty(c, dtype), np.empty(c, dtype), np.empty(c, dtype)
+    if not _COEFFICIENTS[dtype](mean, var, weight, bias, float(eps), invstd, center, scale,
+                                shift):
+        # weights of another dtype or layout: the same formulas in NumPy
+        invstd = 1.0 / np.sqrt(var + eps)
+        full_scale = invstd if weight is None else weight * invstd
+        center = mean.astype(dtype)
+        shift = -(mean - center) * full_scale
+        if bias is not None:
+            shift += bias
+        scale, shift = full_scale.astype(dtype), shift.astype(dtype)
+    return invstd, center, scale, shift
+
+
+def scale_shift(x, scale, shift, n_threads, out=None, center=None):
+    """(x - center[c]) * scale[c] + shift[c] (center None: 0) into a new (or the given) Batch."""
     out = empty_like(x) if out is None else out
-    _SCALE_SHIFT[x.dtype, x.channels_last](x.view, scale, shift, out.view, n_threads)
+    if center is None:
+        center = np.zeros(len(scale), scale.dtype)
+    view = x.view
+    _SCALE_SHIFT[x.dtype, x.channels_last](view, center, scale, shift, out.view,
+                                           _threads(view, n_threads))
     return out
 
 
 def grad_input(dy, x, a, b, m, c, n_threads, out=None):
     """a[c] * dy + b[c] * (x - m[c]) + c[c] into a new (or the given) Batch."""
     out = empty_like(x) if out is None else out
-    _GRAD_INPUT[x.dtype, x.channels_last](dy.view, x.view, a, b, m, c, out.view, n_threads)
+    view = x.view
+    _GRAD_INPUT[x.dtype, x.channels_last](dy.view, view, a, b, m, c, out.view,
+                                          _threads(view, n_threads))
     return out

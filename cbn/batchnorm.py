@@ -104,20 +104,16 @@ def _as_input_array(x, name="input"):
 
 
 class _EvalCoefficients:
-    """Eval-mode constants of a layer: y = x * scale + shift; mean and invstd for backward."""
+    """Eval-mode constants of a layer: y = (x - center) * scale + shift; mean and invstd for backward."""
 
-    __slots__ = ("key", "mean", "invstd", "scale", "shift")
+    __slots__ = ("key", "mean", "invstd", "center", "scale", "shift")
 
     def __init__(self, key, running_mean, running_var, weight, bias, eps, dtype):
         self.key = key
         self.mean = running_mean.astype(np.float64)
-        self.invstd = 1.0 / np.sqrt(running_var.astype(np.float64) + eps)
-        scale = self.invstd if weight is None else weight * self.invstd
-        shift = -self.mean * scale
-        if bias is not None:
-            shift += bias
-        self.scale = scale.astype(dtype)
-        self.shift = shift.astype(dtype)
+        # y = (x - center) * scale + shift, exact at any offset of the data.
+        self.invstd, self.center, self.scale, self.shift = _layout.normalization_coefficients(
+            self.mean, running_var, weight, bias, eps, dtype)
 
 
 class _BatchNorm:
@@ -481,7 +477,8 @@ class _BatchNorm:
             y, invstd = F.normalize(batch, mean, var, self.weight, self.bias, self.eps, target)
         else:
             cached = self._eval_coefficients(batch.dtype)
-            y = _layout.scale_shift(batch, cached.scale, cached.shift, kernel_threads(), target)
+            y = _layout.scale_shift(batch, cached.scale, cached.shift, kernel_threads(), target,
+                                    cached.center)
             mean, invstd, count = cached.mean, cached.invstd, batch.count
         self._save(batch, out, mean, invstd, use_batch_stats, count)
         result = _layout.deliver(y, out)  # a reference of the caller's before y is offered

@@ -5,8 +5,9 @@ semantics).  The other functions are the steps the layers compose:
 
 * ``moments``/``mean_var``: per-channel statistics, in float64;
 * ``update_running``: ``running = (1 - f) * running + f * batch``;
-* ``normalize``: ``y = x * scale + shift`` with
-  ``scale = weight / sqrt(var + eps)``, ``shift = bias - mean * scale``;
+* ``normalize``: ``y = (x - m) * scale + shift`` with
+  ``scale = weight / sqrt(var + eps)``, ``m`` the mean rounded to the data's
+  dtype and ``shift = bias - (mean - m) * scale`` (exact at any offset);
 * ``backward``: the input gradient and the per-channel parameter gradients.
 """
 import math
@@ -155,14 +156,9 @@ def update_running(running_mean, running_var, mean, var, count, factor):
 
 def normalize(batch, mean, var, weight, bias, eps, out=None):
     """(y Batch, invstd): y = x * weight / sqrt(var + eps) + (bias - mean * ...)."""
-    invstd = 1.0 / np.sqrt(np.asarray(var, np.float64) + eps)
-    scale = invstd if weight is None else weight * invstd
-    shift = -np.asarray(mean, np.float64) * scale
-    if bias is not None:
-        shift += bias
-    dtype = batch.dtype
-    y = _layout.scale_shift(batch, scale.astype(dtype), shift.astype(dtype),
-                            kernel_threads(), out)
+    invstd, center, scale, shift = _layout.normalization_coefficients(
+        mean, var, weight, bias, eps, batch.dtype)
+    y = _layout.scale_shift(batch, scale, shift, kernel_threads(), out, center)
     return y, invstd
 
 
@@ -190,9 +186,13 @@ def backward(saved, dy, reduce=None, out=None):
         n = saved.count
         # dx = a * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
         k = sum_dy_xc * invstd * invstd / n
-        dx = _layout.grad_input(dy, saved.x, a.astype(dtype), (-a * k).astype(dtype),
-                                saved.mean.astype(dtype), (-a * sum_dy / n).astype(dtype),
-                                kernel_threads(), target)
+        # x - m is formed in the data's dtype with m the mean rounded to it
+        # (exact near the mean); the constant term carries the remainder.
+        b = -a * k
+        m = saved.mean.astype(dtype)
+        c = -a * sum_dy / n - b * (saved.mean - m)
+        dx = _layout.grad_input(dy, saved.x, a.astype(dtype), b.astype(dtype), m,
+                                c.astype(dtype), kernel_threads(), target)
     else:
         dx = _layout.scale_shift(dy, a.astype(dtype), np.zeros(len(a), dtype),
                                  kernel_threads(), target)

@@ -7,7 +7,7 @@ precomputes four coefficients per channel; these kernels then write
 """
 from cython.parallel cimport prange
 
-from _simd cimport (cbn_row_grad_input_f, cbn_row_grad_input_d,
+from _simd cimport (cbn_ncs_grad_input_f, cbn_ncs_grad_input_d,
                     cbn_rows_grad_input_f, cbn_rows_grad_input_d)
 from _blocks cimport unit_count, ceil_div, threads_for, check_rows, check_extents
 
@@ -21,7 +21,11 @@ def grad_input_ncs(const floating[:, :, :] dy, const floating[:, :, :] x,
                    const floating[::1] c, floating[:, :, :] out, int n_threads):
     """out = a * dy + b * (x - m) + c per channel, for (N, C, S) arrays."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
-    cdef Py_ssize_t row, n, ch
+    cdef Py_ssize_t item = sizeof(floating)
+    cdef Py_ssize_t g_sn = dy.strides[0] // item, g_sc = dy.strides[1] // item
+    cdef Py_ssize_t x_sn = x.strides[0] // item, x_sc = x.strides[1] // item
+    cdef Py_ssize_t o_sn = out.strides[0] // item, o_sc = out.strides[1] // item
+    cdef Py_ssize_t rows = N * C, piece, pieces, r0, r1
     cdef int threads = threads_for(N * C * S, n_threads)
     cdef Py_ssize_t axis
     for axis in range(3):
@@ -32,18 +36,22 @@ def grad_input_ncs(const floating[:, :, :] dy, const floating[:, :, :] x,
     check_rows(out.strides[2], S, sizeof(floating))
     for axis in range(4):
         check_extents(C, (a, b, m, c)[axis].shape[0], "a coefficient")
-    if S == 0:
+    if rows == 0 or S == 0:
         return
+    # One contiguous range of rows per thread, each done in one call.
+    pieces = min(rows, threads)
     with nogil:
-        for row in prange(N * C, num_threads=threads, schedule='static'):
-            n = row // C
-            ch = row % C
+        for piece in prange(pieces, num_threads=threads, schedule='static'):
+            r0 = piece * rows // pieces
+            r1 = (piece + 1) * rows // pieces
             if floating is float:
-                cbn_row_grad_input_f(&dy[n, ch, 0], &x[n, ch, 0], &out[n, ch, 0], S,
-                                     a[ch], b[ch], m[ch], c[ch])
+                cbn_ncs_grad_input_f(&dy[0, 0, 0], g_sn, g_sc, &x[0, 0, 0], x_sn, x_sc,
+                                     &out[0, 0, 0], o_sn, o_sc, C, S, r0, r1,
+                                     &a[0], &b[0], &m[0], &c[0])
             else:
-                cbn_row_grad_input_d(&dy[n, ch, 0], &x[n, ch, 0], &out[n, ch, 0], S,
-                                     a[ch], b[ch], m[ch], c[ch])
+                cbn_ncs_grad_input_d(&dy[0, 0, 0], g_sn, g_sc, &x[0, 0, 0], x_sn, x_sc,
+                                     &out[0, 0, 0], o_sn, o_sc, C, S, r0, r1,
+                                     &a[0], &b[0], &m[0], &c[0])
 
 
 def grad_input_mc(const floating[:, :] dy, const floating[:, :] x,

@@ -1,14 +1,22 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False
-"""Normalisation as one multiply-add per element: ``y = x * scale[c] + shift[c]``.
+"""Normalisation as one subtract and one multiply-add per element:
+``y = (x - center[c]) * scale[c] + shift[c]``.
 
-The per-channel ``scale = weight / sqrt(var + eps)`` and
-``shift = bias - mean * scale`` are computed once by the caller, so the same
-kernel serves training, evaluation and the evaluation-mode backward
-(``dx = dy * scale`` with a zero shift).
+The caller computes per channel ``scale = weight / sqrt(var + eps)``, the
+mean rounded to the data's dtype as ``center = m_hi`` and
+``shift = bias - (mean - m_hi) * scale``.  Subtracting the rounded mean first
+is exact for values near the mean, so the output keeps the dtype's accuracy
+for data far from zero (``1e4 + N(0, 1)`` in float32), where
+``x * scale + (bias - mean * scale)`` would lose ``|mean * scale| * 2**-24``.
+The same kernel serves training, evaluation and the evaluation-mode backward
+(``dx = dy * scale``: zero center and shift).
 """
 from cython.parallel cimport prange
+from libc.math cimport sqrt
+from libc.stdlib cimport malloc, free
 
-from _simd cimport cbn_row_scale_shift_f, cbn_row_scale_shift_d, cbn_rows_scale_shift_f, cbn_rows_scale_shift_d
+from _simd cimport (cbn_ncs_scale_shift_f, cbn_ncs_scale_shift_d, cbn_rows_scale_shift_f,
+                    cbn_rows_scale_shift_d)
 from _blocks cimport unit_count, ceil_div, threads_for, check_rows, check_extents
 
 ctypedef fused floating:
@@ -16,34 +24,44 @@ ctypedef fused floating:
     double
 
 
-def scale_shift_ncs(const floating[:, :, :] x, const floating[::1] scale,
-                    const floating[::1] shift, floating[:, :, :] out, int n_threads):
-    """out[n, c, :] = x[n, c, :] * scale[c] + shift[c] for an (N, C, S) array."""
+def scale_shift_ncs(const floating[:, :, :] x, const floating[::1] center,
+                    const floating[::1] scale, const floating[::1] shift,
+                    floating[:, :, :] out, int n_threads):
+    """out[n, c, :] = (x[n, c, :] - center[c]) * scale[c] + shift[c] for an (N, C, S) array."""
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
-    cdef Py_ssize_t row, n, c
+    cdef Py_ssize_t item = sizeof(floating)
+    cdef Py_ssize_t x_sn = x.strides[0] // item, x_sc = x.strides[1] // item
+    cdef Py_ssize_t y_sn = out.strides[0] // item, y_sc = out.strides[1] // item
+    cdef Py_ssize_t rows = N * C, piece, pieces, r0, r1
     cdef int threads = threads_for(N * C * S, n_threads)
     check_rows(x.strides[2], S, sizeof(floating))
     check_rows(out.strides[2], S, sizeof(floating))
     check_extents(N, out.shape[0], "the output")
     check_extents(C, out.shape[1], "the output")
     check_extents(S, out.shape[2], "the output")
+    check_extents(C, center.shape[0], "center")
     check_extents(C, scale.shape[0], "scale")
     check_extents(C, shift.shape[0], "shift")
-    if S == 0:
+    if rows == 0 or S == 0:
         return
+    # One contiguous range of rows per thread, each done in one call.
+    pieces = min(rows, threads)
     with nogil:
-        for row in prange(N * C, num_threads=threads, schedule='static'):
-            n = row // C
-            c = row % C
+        for piece in prange(pieces, num_threads=threads, schedule='static'):
+            r0 = piece * rows // pieces
+            r1 = (piece + 1) * rows // pieces
             if floating is float:
-                cbn_row_scale_shift_f(&x[n, c, 0], &out[n, c, 0], S, scale[c], shift[c])
+                cbn_ncs_scale_shift_f(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn, y_sc,
+                                      C, S, r0, r1, &center[0], &scale[0], &shift[0])
             else:
-                cbn_row_scale_shift_d(&x[n, c, 0], &out[n, c, 0], S, scale[c], shift[c])
+                cbn_ncs_scale_shift_d(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn, y_sc,
+                                      C, S, r0, r1, &center[0], &scale[0], &shift[0])
 
 
-def scale_shift_mc(const floating[:, :] x, const floating[::1] scale,
-                   const floating[::1] shift, floating[:, :] out, int n_threads):
-    """out[m, :] = x[m, :] * scale + shift for a channels-last (M, C) array."""
+def scale_shift_mc(const floating[:, :] x, const floating[::1] center,
+                   const floating[::1] scale, const floating[::1] shift,
+                   floating[:, :] out, int n_threads):
+    """out[m, :] = (x[m, :] - center) * scale + shift for a channels-last (M, C) array."""
     cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t units = unit_count(M, C)
     cdef Py_ssize_t rows_per_unit = ceil_div(M, units)
@@ -55,6 +73,7 @@ def scale_shift_mc(const floating[:, :] x, const floating[::1] scale,
     check_rows(out.strides[1], C, sizeof(floating))
     check_extents(M, out.shape[0], "the output")
     check_extents(C, out.shape[1], "the output")
+    check_extents(C, center.shape[0], "center")
     check_extents(C, scale.shape[0], "scale")
     check_extents(C, shift.shape[0], "shift")
     if M == 0 or C == 0:
@@ -66,7 +85,83 @@ def scale_shift_mc(const floating[:, :] x, const floating[::1] scale,
             if rows > 0:
                 if floating is float:
                     cbn_rows_scale_shift_f(&x[r0, 0], x_stride, &out[r0, 0], out_stride,
-                                           rows, C, &scale[0], &shift[0])
+                                           rows, C, &center[0], &scale[0], &shift[0])
                 else:
                     cbn_rows_scale_shift_d(&x[r0, 0], x_stride, &out[r0, 0], out_stride,
-                                           rows, C, &scale[0], &shift[0])
+                                           rows, C, &center[0], &scale[0], &shift[0])
+
+
+def coefficients(const double[::1] mean, const double[::1] var, weight, bias, double eps,
+                 double[::1] invstd, floating[::1] center, floating[::1] scale,
+                 floating[::1] shift):
+    """Per channel, in one call (NumPy would take a dozen)::
+
+        invstd = 1 / sqrt(var + eps)
+        center = mean rounded to the dtype
+        scale  = weight * invstd
+        shift  = bias - (mean - center) * scale
+
+    ``weight`` and ``bias``: None or contiguous float32/float64 (C,) arrays;
+    anything else returns False (the caller computes in NumPy).
+    """
+    cdef Py_ssize_t C = mean.shape[0], c
+    cdef const double[::1] w64
+    cdef const float[::1] w32
+    cdef const double[::1] b64
+    cdef const float[::1] b32
+    cdef int w_kind = 0, b_kind = 0   # 0: absent, 1: float64, 2: float32
+    for name, value in (("weight", weight), ("bias", bias)):
+        if value is None:
+            continue
+        if value.dtype.char not in "fd" or not value.flags.c_contiguous or value.ndim != 1:
+            return False
+        if value.shape[0] != C:
+            raise ValueError(f"cbn kernel: {name} has extent {value.shape[0]}, expected {C}")
+    if weight is not None:
+        if weight.dtype.char == "d":
+            w64, w_kind = weight, 1
+        else:
+            w32, w_kind = weight, 2
+    if bias is not None:
+        if bias.dtype.char == "d":
+            b64, b_kind = bias, 1
+        else:
+            b32, b_kind = bias, 2
+    check_extents(C, var.shape[0], "var")
+    check_extents(C, invstd.shape[0], "invstd")
+    check_extents(C, center.shape[0], "center")
+    check_extents(C, scale.shape[0], "scale")
+    check_extents(C, shift.shape[0], "shift")
+    # Loops without branches inside, so that they vectorise (sqrt and divide
+    # are the slow part); scale and shift go through full-precision scratch.
+    cdef double *full = <double *> malloc(2 * max(C, 1) * sizeof(double))
+    cdef double *rest = full + C
+    if full == NULL:
+        raise MemoryError()
+    with nogil:
+        for c in range(C):
+            invstd[c] = 1.0 / sqrt(var[c] + eps)
+        if w_kind == 1:
+            for c in range(C):
+                full[c] = w64[c] * invstd[c]
+        elif w_kind == 2:
+            for c in range(C):
+                full[c] = w32[c] * invstd[c]
+        else:
+            for c in range(C):
+                full[c] = invstd[c]
+        for c in range(C):
+            center[c] = <floating> mean[c]
+            scale[c] = <floating> full[c]
+            rest[c] = -(mean[c] - <double> center[c]) * full[c]
+        if b_kind == 1:
+            for c in range(C):
+                shift[c] = <floating> (rest[c] + b64[c])
+        elif b_kind == 2:
+            for c in range(C):
+                shift[c] = <floating> (rest[c] + b32[c])
+        else:
+            for c in range(C):
+                shift[c] = <floating> rest[c]
+    free(full)
+    return True

@@ -22,8 +22,11 @@ from libc.string cimport memset
 
 from _simd cimport (cbn_row_moments_f, cbn_row_moments_d, cbn_rows_moments_f,
                     cbn_rows_moments_d, cbn_row_grad_sums_f, cbn_row_grad_sums_d,
-                    cbn_rows_grad_sums_f, cbn_rows_grad_sums_d)
-from _blocks cimport (UNIT_ELEMENTS, MAX_UNITS, SMALL_BATCH, unit_count, ceil_div, threads_for,
+                    cbn_rows_grad_sums_f, cbn_rows_grad_sums_d, cbn_sample_moments_f,
+                    cbn_sample_moments_d, cbn_sample_grad_sums_f, cbn_sample_grad_sums_d)
+from _blocks cimport (UNIT_ELEMENTS, MAX_UNITS, SMALL_BATCH, unit_count, mc_reduction_units,
+                     ncs_reduction_units,
+                     ceil_div, threads_for,
                      check_rows, check_extents)
 
 ctypedef fused floating:
@@ -49,6 +52,22 @@ cdef inline void reduce_row(Reduction kind, const floating *a, const floating *b
             cbn_row_grad_sums_d(a, b, n, k, s, q)
 
 
+cdef inline void reduce_sample(Reduction kind, const floating *a, Py_ssize_t a_sc,
+                               const floating *b, Py_ssize_t b_sc, Py_ssize_t C,
+                               Py_ssize_t S, const double *k, double *acc) noexcept nogil:
+    """Every channel of one sample, in one call (acc: interleaved (s, q) pairs)."""
+    if kind == MOMENTS:
+        if floating is float:
+            cbn_sample_moments_f(a, a_sc, C, S, k, acc)
+        else:
+            cbn_sample_moments_d(a, a_sc, C, S, k, acc)
+    else:
+        if floating is float:
+            cbn_sample_grad_sums_f(a, a_sc, b, b_sc, C, S, k, acc)
+        else:
+            cbn_sample_grad_sums_d(a, a_sc, b, b_sc, C, S, k, acc)
+
+
 cdef int reduce_ncs(Reduction kind, const floating[:, :, :] a, const floating[:, :, :] b,
                     const double[::1] k, double[::1] out_s, double[::1] out_q,
                     int n_threads) except -1:
@@ -57,6 +76,8 @@ cdef int reduce_ncs(Reduction kind, const floating[:, :, :] a, const floating[:,
     cdef Py_ssize_t j, n, c, g, s0, s1, base
     cdef double *partial
     cdef int threads = threads_for(N * C * S, n_threads)
+    cdef Py_ssize_t a_sc = a.strides[1] // <Py_ssize_t> sizeof(floating)
+    cdef Py_ssize_t b_sc = b.strides[1] // <Py_ssize_t> sizeof(floating)
     check_rows(a.strides[2], S, sizeof(floating))
     check_rows(b.strides[2], S, sizeof(floating))
     check_extents(N, b.shape[0], "the second input")
@@ -67,7 +88,7 @@ cdef int reduce_ncs(Reduction kind, const floating[:, :, :] a, const floating[:,
     check_extents(C, out_q.shape[0], "the output")
     if N >= SMALL_BATCH:
         # Units are chunks of the batch; each covers every channel in address order.
-        units = unit_count(N, C * S)
+        units = ncs_reduction_units(N, C, S)
         rows_per_unit = ceil_div(N, units)
         segments = 1
         seg_len = S
@@ -86,11 +107,10 @@ cdef int reduce_ncs(Reduction kind, const floating[:, :, :] a, const floating[:,
         if N >= SMALL_BATCH:
             for j in prange(units, num_threads=threads, schedule='static'):
                 memset(&partial[2 * j * C], 0, 2 * C * sizeof(double))
-                for n in range(j * rows_per_unit, min(N, (j + 1) * rows_per_unit)):
-                    for c in range(C):
-                        base = 2 * (j * C + c)
-                        reduce_row(kind, &a[n, c, 0], &b[n, c, 0], S, k[c],
-                                   &partial[base], &partial[base + 1])
+                if C > 0 and S > 0:
+                    for n in range(j * rows_per_unit, min(N, (j + 1) * rows_per_unit)):
+                        reduce_sample(kind, &a[n, 0, 0], a_sc, &b[n, 0, 0], b_sc, C, S,
+                                      &k[0], &partial[2 * j * C])
         else:
             for g in prange(cells, num_threads=threads, schedule='static'):
                 n = g // (C * segments)
@@ -120,7 +140,7 @@ cdef int reduce_mc(Reduction kind, const floating[:, :] a, const floating[:, :] 
                    const double[::1] k, double[::1] out_s, double[::1] out_q,
                    int n_threads) except -1:
     cdef Py_ssize_t M = a.shape[0], C = a.shape[1]
-    cdef Py_ssize_t units = unit_count(M, C)
+    cdef Py_ssize_t units = mc_reduction_units(M, C)
     cdef Py_ssize_t rows_per_unit = ceil_div(M, units)
     cdef Py_ssize_t a_stride = a.strides[0] // sizeof(floating)
     cdef Py_ssize_t b_stride = b.strides[0] // sizeof(floating)

@@ -36,6 +36,11 @@ SHAPES = sorted(
     # channels-last blocks of 64 and 16 channels plus a remainder, over more
     # than one block of 64 rows
     | {(3, 16, 70), (2, 100, 40), (1, 131, 130), (4, 80, 3)}
+    # batches of 8 or more: (N, C, S) reductions go a sample (every channel) per
+    # call, elementwise kernels a range of rows per call; S = 49 as in ResNet
+    | {(8, 3, 49), (9, 5, 7), (12, 70, 3)}
+    # channels-last with >= 256 channels: rows read in groups of 8 (+ remainder)
+    | {(2, 300, 13), (5, 260, 9)}
 )
 
 NCS_LAYOUTS = ["contiguous", "n_strided", "c_strided", "n_reversed"]
@@ -178,22 +183,25 @@ def test_moments(rng, family, layout, shape, dtype, n_threads):
 def test_scale_shift(rng, family, layout, shape, dtype, n_threads):
     base, x = input_array(rng, family, layout, shape, dtype)
     channels = x.shape[1]
+    center = channel_vector(rng, channels, dtype, -5, 5)
     scale = channel_vector(rng, channels, dtype)
     shift = channel_vector(rng, channels, dtype, -10, 10)
     out_base, out = output_array(family, layout, shape, dtype)
-    before = [a.copy() for a in (base, scale, shift)]
+    before = [a.copy() for a in (base, center, scale, shift)]
 
-    kernel(_normalize, "scale_shift", family)(x, scale, shift, out, n_threads)
+    kernel(_normalize, "scale_shift", family)(x, center, scale, shift, out, n_threads)
 
     x64 = x.astype(np.float64)
-    product = x64 * broadcast(scale, family)
+    centred = x64 - broadcast(center, family)
+    product = centred * broadcast(scale, family)
     expected = product + broadcast(shift, family)
     magnitude = np.abs(product) + np.abs(broadcast(shift, family))
     assert_elementwise_close(out, expected, magnitude, dtype, "out")
     outside = np.ones(out_base.shape, bool)
     _same_view(outside, family, layout)[...] = False
     assert np.all(out_base[outside] == SENTINEL), "wrote outside the output view"
-    for b, a, name in zip(before, (base, scale, shift), ("x", "scale", "shift")):
+    for b, a, name in zip(before, (base, center, scale, shift),
+                          ("x", "center", "scale", "shift")):
         assert_unchanged(b, a, name)
 
 
@@ -264,7 +272,7 @@ def run_all_kernels(family, x, dy, n_threads, rng_seed=7):
     results["moments"] = (out_sum, out_sumsq)
 
     out = np.empty(x.shape, dtype)
-    kernel(_normalize, "scale_shift", family)(x, scale, shift, out, n_threads)
+    kernel(_normalize, "scale_shift", family)(x, m, scale, shift, out, n_threads)
     results["scale_shift"] = out
 
     sum_dy, sum_dy_xc = np.empty(channels), np.empty(channels)
@@ -296,7 +304,8 @@ def _flatten(result):
     "family, shape",
     [("ncs", (8, 16, 5000)), ("mc", (20000, 16)),
      # one channel or one sample: the work can only be split along the reduction
-     ("ncs", (64, 1, 5000)), ("ncs", (1, 3, 200000)), ("mc", (100000, 1)), ("mc", (7, 4096))],
+     ("ncs", (64, 1, 5000)), ("ncs", (1, 3, 200000)), ("mc", (100000, 1)), ("mc", (7, 4096)),
+     ("mc", (601, 300))],
 )
 @pytest.mark.parametrize("n_threads", [2, 3])
 def test_results_are_bitwise_identical_for_any_thread_count(family, shape, dtype, n_threads, rng):
@@ -365,3 +374,74 @@ def test_variance_of_offset_data_is_accurate():
     relative_error = np.abs(layer.running_var.astype(np.float64) - unbiased_var) / unbiased_var
     assert np.all(relative_error <= 1e-5), relative_error
     assert np.allclose(layer.running_mean, mean, rtol=1e-7, atol=0)
+
+
+# --------------------------------------------------------------------------- coefficients
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_dtype", [None, np.float32, np.float64])
+@pytest.mark.parametrize("bias_dtype", [None, np.float32, np.float64])
+@pytest.mark.parametrize("channels", [1, 7, 64, 513])
+def test_coefficients(rng, dtype, weight_dtype, bias_dtype, channels):
+    """invstd, center, scale, shift against the float64 formulas (NumPy, one op at a time)."""
+    mean = rng.uniform(-1e4, 1e4, channels)
+    var = rng.uniform(0.0, 4.0, channels)
+    weight = None if weight_dtype is None else rng.uniform(-2, 2, channels).astype(weight_dtype)
+    bias = None if bias_dtype is None else rng.uniform(-2, 2, channels).astype(bias_dtype)
+    eps = 1e-5
+    invstd = np.full(channels, np.nan)
+    center, scale, shift = (np.full(channels, np.nan, dtype) for _ in range(3))
+    name = "float" if dtype == np.float32 else "double"
+    assert _normalize.coefficients[name](mean, var, weight, bias, eps, invstd, center, scale,
+                                         shift)
+
+    expected_invstd = 1.0 / np.sqrt(var + eps)
+    full_scale = expected_invstd * (1.0 if weight is None else weight.astype(np.float64))
+    expected_center = mean.astype(dtype)
+    rest = -(mean - expected_center.astype(np.float64)) * full_scale
+    expected_shift = rest + (0.0 if bias is None else bias.astype(np.float64))
+    assert np.array_equal(invstd, expected_invstd)  # both correctly rounded
+    assert np.array_equal(center, expected_center)
+    assert np.array_equal(scale, full_scale.astype(dtype))
+    # one rounding to dtype, after at most an FMA's worth of float64 rounding
+    eps_t = np.finfo(dtype).eps
+    bound = eps_t * np.abs(expected_shift) + 4 * np.finfo(np.float64).eps * (
+        np.abs(rest) + (0.0 if bias is None else np.abs(bias)))
+    assert np.all(np.abs(shift - expected_shift) <= bound + np.finfo(dtype).tiny)
+
+
+def test_coefficients_decline_other_weight_dtypes():
+    c = 4
+    out = [np.empty(c), np.empty(c, np.float32), np.empty(c, np.float32), np.empty(c, np.float32)]
+    assert not _normalize.coefficients["float"](np.zeros(c), np.ones(c), np.ones(c, np.float16),
+                                                None, 1e-5, *out)
+    with pytest.raises(ValueError, match="weight"):
+        _normalize.coefficients["float"](np.zeros(c), np.ones(c), np.ones(c + 1), None, 1e-5, *out)
+
+
+# --------------------------------------------------------------------------- small calls
+
+
+def test_small_calls_stay_on_one_thread_only_when_idle_threads_sleep():
+    from cbn import _layout
+    assert _layout._parallel_min_elements("PASSIVE") == 1 << 19
+    assert _layout._parallel_min_elements(" passive") == 1 << 19
+    for policy in ("", "ACTIVE", "active"):
+        assert _layout._parallel_min_elements(policy) == 0
+
+
+def test_small_calls_give_the_same_result_on_one_thread(rng, monkeypatch):
+    from cbn import _layout
+    x = rng.standard_normal((4, 8, 300)).astype(np.float32)
+    layer = cbn.BatchNorm1d(8)
+    original = cbn.get_num_threads()
+    cbn.set_num_threads(2)
+    try:
+        monkeypatch.setattr(_layout, "_PARALLEL_MIN", 0)
+        parallel = layer(x).copy()
+        monkeypatch.setattr(_layout, "_PARALLEL_MIN", 1 << 30)
+        assert _layout._threads(x, 2) == 1
+        assert np.array_equal(layer(x), parallel)
+    finally:
+        cbn.set_num_threads(original)
