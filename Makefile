@@ -85,6 +85,7 @@ bench: build  ## benchmarks against PyTorch and NumPy, and SyncBatchNorm on 1/2/
 	@if [ -n "$(TORCH)" ]; then $(PIP) install -q "$(TORCH)" || echo "torch not installed: cbn vs NumPy only"; fi
 	$(PY) benchmarks/run.py
 	$(PY) benchmarks/sync_bench.py
+	$(PY) benchmarks/torch_latency.py
 
 dist: $(STAMP)  ## build an sdist and, from it, a wheel into dist/
 	$(PY) -m build --quiet --no-isolation --outdir dist .
