@@ -51,6 +51,7 @@ from torch.nn.modules.batchnorm import _BatchNorm as _TorchBatchNorm
 
 from cbn import _layout, comm as _comm
 from cbn import functional as F
+from cbn._config import kernel_threads
 from cbn.sync_batchnorm import GlobalStats
 
 __all__ = ["SyncBatchNorm", "convert_sync_batchnorm", "allreduce_gradients", "batch_norm"]
@@ -754,7 +755,8 @@ class SyncBatchNorm(_TorchBatchNorm):
                 or cache[2] is not mean or cache[3] is not var or cache[4] != versions:
             _check_eps(self.eps, False)
             cache = (weight, bias, mean, var, versions, _numpy_f32(weight), _numpy_f32(bias),
-                     _numpy_f32(mean).astype(np.float64), _numpy_f32(var).astype(np.float64))
+                     _numpy_f32(mean).astype(np.float64), _numpy_f32(var).astype(np.float64),
+                     {})  # input dtype -> (center, scale, shift), as F.normalize computes them
             self.__dict__["_eval_cache"] = cache
         if not isinstance(input, torch.Tensor):
             _check_input(input, self.num_features)  # torch's TypeError, naming the input
@@ -765,7 +767,12 @@ class SyncBatchNorm(_TorchBatchNorm):
                                                              cache[6], self.eps,
                                                              self.num_features))
         batch = _input_batch(input, self.num_features)
-        y, _ = F.normalize(batch, cache[7], cache[8], cache[5], cache[6], self.eps)
+        coefficients = cache[9].get(batch.dtype)
+        if coefficients is None:
+            coefficients = cache[9][batch.dtype] = _layout.normalization_coefficients(
+                cache[7], cache[8], cache[5], cache[6], self.eps, batch.dtype)[1:]
+        center, scale, shift = coefficients
+        y = _layout.scale_shift(batch, scale, shift, kernel_threads(), None, center)
         return _output(input, y)
 
     def _scripted_forward(self, input: Tensor) -> Tensor:
