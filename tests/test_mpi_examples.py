@@ -31,3 +31,9 @@ def test_uneven_and_groups_example(tmp_path):
     out = run_ranks_script(4, "mpi_examples/uneven_and_groups.py", cwd=tmp_path)
     assert "running statistics identical on every rank: True" in out, out
     assert "2. process groups" in out
+
+
+def test_torch_train_check_proves_sync_equals_the_global_batch(torch):
+    """The PyTorch example under mpiexec: cbn.torch on the shards equals the global batch."""
+    out = run_ranks_script(2, "mpi_examples/torch_train.py", "--epochs", "1", "--check")
+    assert "CHECK PASSED" in out, out
