@@ -35,6 +35,7 @@ written once, here.  ``import cbn`` imports neither mpi4py nor torch:
 mpi4py is imported on first use, ``torch.distributed`` only when torch is
 already imported.
 """
+import abc
 import datetime
 import math
 import os
@@ -213,7 +214,7 @@ class _Timeout(Exception):
     """A transport waited longer than its timeout."""
 
 
-class Transport:
+class Transport(abc.ABC):
     """Moves bytes: ``allreduce(buf, timeout)`` sums a float64 buffer in place over the group.
 
     ``size``, ``rank``; ``key`` identifies the group (call counters are per
@@ -225,8 +226,9 @@ class Transport:
     is_world = False
     name = "transport"
 
-    def allreduce(self, buf, timeout):  # pragma: no cover - interface
-        raise NotImplementedError
+    @abc.abstractmethod
+    def allreduce(self, buf, timeout):
+        """Sum ``buf`` in place over the group within ``timeout`` seconds (else ``_Timeout``)."""
 
 
 class _MPITransport(Transport):

@@ -1,4 +1,4 @@
-"""The small CNN of the PyTorch examples (torch_train.py, torchrun_train.py), in plain torch."""
+"""What the PyTorch examples (torch_train.py, torchrun_train.py) share: the CNN, its state."""
 import torch
 
 nn = torch.nn
@@ -13,3 +13,10 @@ def build_model(dtype, seed=0):
         nn.Flatten(), nn.Linear(32 * 4 * 4, 64), nn.BatchNorm1d(64), nn.ReLU(),
         nn.Linear(64, 10))
     return model.to(dtype)
+
+
+def state(model):
+    """Parameters and running statistics as float64 arrays, in a fixed order."""
+    return {name: t.detach().double().numpy().copy()
+            for name, t in list(model.named_parameters()) + list(model.named_buffers())
+            if not name.endswith("num_batches_tracked")}

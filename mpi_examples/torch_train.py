@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cbn  # noqa: E402
 import cbn.torch  # noqa: E402
 from data import load_dataset, uneven_shard  # noqa: E402
-from torch_model import build_model  # noqa: E402
+from torch_model import build_model, state  # noqa: E402
 
 nn = torch.nn
 
@@ -79,13 +79,6 @@ def train(model, data, args, comm, shard, progress):
                         time.perf_counter() - start, steps))
         progress(epoch, history[-1])
     return history
-
-
-def state(model):
-    """Parameters and running statistics as float64 arrays, in a fixed order."""
-    return {name: t.detach().double().numpy().copy()
-            for name, t in list(model.named_parameters()) + list(model.named_buffers())
-            if not name.endswith("num_batches_tracked")}
 
 
 def max_difference(a, b, keys=None):

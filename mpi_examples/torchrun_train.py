@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import cbn  # noqa: E402
 import cbn.torch  # noqa: E402
 from data import load_dataset, uneven_shard  # noqa: E402
-from torch_model import build_model  # noqa: E402
+from torch_model import build_model, state  # noqa: E402
 
 nn = torch.nn
 
@@ -68,12 +68,6 @@ def train(model, data, args, shard, scale, progress):
                         test_accuracy, time.perf_counter() - start))
         progress(epoch, history[-1])
     return history
-
-
-def state(module):
-    return {name: t.detach().double().numpy().copy()
-            for name, t in list(module.named_parameters()) + list(module.named_buffers())
-            if not name.endswith("num_batches_tracked")}
 
 
 def main():

@@ -79,7 +79,10 @@ def test_sums_with_the_header():
 
 @pytest.mark.parametrize("size", [2, 4, 4096])
 def test_the_header_does_not_grow_with_the_ranks(size):
-    transport = comm.Transport()
+    class Sized(comm.Transport):  # only the group's size matters for the buffer
+        def allreduce(self, buf, timeout):
+            pass
+    transport = Sized()
     transport.size = size
     group = comm.Collective(transport, 1)
     assert group.buffer(0).nbytes == comm.HEADER_BYTES == 208
