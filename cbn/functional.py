@@ -97,12 +97,7 @@ def first_values(batch):
     A non-finite first value (inf, NaN) becomes 0: an infinite shift would turn
     the channel's mean into NaN where PyTorch gives inf.
     """
-    view = batch.view
-    first = view[0, :, 0] if view.ndim == 3 else view[0]
-    shift = np.array(first, dtype=np.float64)
-    if not math.isfinite(shift.dot(shift)):  # one cheap reduction in the finite case
-        shift[~np.isfinite(shift)] = 0.0
-    return shift
+    return _layout.first_values(batch)
 
 
 def moments(batch, shift=None):
@@ -126,11 +121,7 @@ def batch_moments(batch):
 
 def mean_var(count, s, q, shift):
     """float64 per-channel mean and biased variance from shifted sums."""
-    with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN stay in their channel
-        mean = shift + s / count
-        var = (q - s * (s / count)) / count
-        np.maximum(var, 0.0, out=var)
-    return mean, var
+    return _layout.mean_var(count, s, q, shift)
 
 
 def check_count(count, shape, where=""):
@@ -178,22 +169,18 @@ def backward(saved, dy, reduce=None, out=None):
     invstd = saved.invstd
     grad_weight = sum_dy_xc * invstd
     grad_bias = sum_dy
-    a = invstd if saved.weight is None else saved.weight * invstd
     dtype = saved.x.dtype
     if saved.batch_stats:
         if reduce is not None:
             sum_dy, sum_dy_xc = reduce(sum_dy, sum_dy_xc)
-        n = saved.count
-        # dx = a * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean)))
-        k = sum_dy_xc * invstd * invstd / n
-        # x - m is formed in the data's dtype with m the mean rounded to it
-        # (exact near the mean); the constant term carries the remainder.
-        b = -a * k
-        m = saved.mean.astype(dtype)
-        c = -a * sum_dy / n - b * (saved.mean - m)
-        dx = _layout.grad_input(dy, saved.x, a.astype(dtype), b.astype(dtype), m,
-                                c.astype(dtype), kernel_threads(), target)
+        # dx = a * (dy - mean(dy) - (x - mean) * invstd^2 * mean(dy * (x - mean))),
+        # with x - m formed in the data's dtype, m the mean rounded to it (exact
+        # near the mean); the constant term carries the remainder.
+        a, b, m, c = _layout.grad_coefficients(sum_dy, sum_dy_xc, invstd, saved.mean,
+                                               saved.weight, saved.count, dtype)
+        dx = _layout.grad_input(dy, saved.x, a, b, m, c, kernel_threads(), target)
     else:
+        a = invstd if saved.weight is None else saved.weight * invstd
         dx = _layout.scale_shift(dy, a.astype(dtype), np.zeros(len(a), dtype),
                                  kernel_threads(), target)
     return _layout.deliver(dx, out), grad_weight, grad_bias

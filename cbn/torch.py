@@ -255,10 +255,15 @@ def _backward(saved, grad_output, global_stats, needs, dtypes):
         raise
     reduce = None if global_stats is None else global_stats.reduce_grad_sums
     dx, grad_weight, grad_bias = F.backward(saved, dy, reduce)
-    dx = torch.from_numpy(dx).to(dtypes[0]) if needs[0] else None
-    dw = torch.from_numpy(grad_weight).to(dtypes[1]) if needs[1] else None
-    db = torch.from_numpy(grad_bias).to(dtypes[2]) if needs[2] else None
-    return dx, dw, db
+    return (_tensor(dx, dtypes[0]) if needs[0] else None,
+            _tensor(grad_weight, dtypes[1]) if needs[1] else None,
+            _tensor(grad_bias, dtypes[2]) if needs[2] else None)
+
+
+def _tensor(array, dtype):
+    """``array`` as a tensor of ``dtype`` (sharing its memory when the dtype is already right)."""
+    tensor = torch.from_numpy(array)
+    return tensor if tensor.dtype == dtype else tensor.to(dtype)
 
 
 def _twin_grads(grad_output, input, weight, bias, mean, invstd, use_batch_stats, eps, needs):

@@ -90,3 +90,51 @@ def grad_input_mc(const floating[:, :] dy, const floating[:, :] x,
                     cbn_rows_grad_input_d(&dy[r0, 0], dy_stride, &x[r0, 0], x_stride,
                                           &out[r0, 0], out_stride, rows, C,
                                           &a[0], &b[0], &m[0], &c[0])
+
+
+def coefficients(const double[::1] sum_dy, const double[::1] sum_dy_xc,
+                 const double[::1] invstd, const double[::1] mean, weight, double count,
+                 floating[::1] a, floating[::1] b, floating[::1] m, floating[::1] c):
+    """The four per-channel coefficients of ``grad_input_*`` in one call::
+
+        a = weight * invstd                      (invstd without a weight)
+        b = -a * (sum_dy_xc * invstd * invstd / count)
+        m = mean rounded to the dtype
+        c = -a * sum_dy / count - b * (mean - m)
+
+    computed in float64 and rounded once.  ``weight``: None or a contiguous
+    float32/float64 (C,) array; anything else returns False (the caller
+    computes in NumPy).
+    """
+    cdef Py_ssize_t C = sum_dy.shape[0], ch
+    cdef const double[::1] w64
+    cdef const float[::1] w32
+    cdef int w_kind = 0
+    cdef double ac, bc
+    if weight is not None:
+        if weight.dtype.char not in "fd" or not weight.flags.c_contiguous or weight.ndim != 1:
+            return False
+        check_extents(C, weight.shape[0], "weight")
+        if weight.dtype.char == "d":
+            w64, w_kind = weight, 1
+        else:
+            w32, w_kind = weight, 2
+    check_extents(C, sum_dy_xc.shape[0], "sum_dy_xc")
+    check_extents(C, invstd.shape[0], "invstd")
+    check_extents(C, mean.shape[0], "mean")
+    for ch in range(4):
+        check_extents(C, (a, b, m, c)[ch].shape[0], "a coefficient")
+    with nogil:
+        for ch in range(C):
+            if w_kind == 1:
+                ac = w64[ch] * invstd[ch]
+            elif w_kind == 2:
+                ac = w32[ch] * invstd[ch]
+            else:
+                ac = invstd[ch]
+            bc = -ac * (sum_dy_xc[ch] * invstd[ch] * invstd[ch] / count)
+            m[ch] = <floating> mean[ch]
+            a[ch] = <floating> ac
+            b[ch] = <floating> bc
+            c[ch] = <floating> (-ac * sum_dy[ch] / count - bc * (mean[ch] - <double> m[ch]))
+    return True

@@ -165,3 +165,23 @@ def coefficients(const double[::1] mean, const double[::1] var, weight, bias, do
                 shift[c] = <floating> rest[c]
     free(full)
     return True
+
+
+def mean_var(double count, const double[::1] s, const double[::1] q, const double[::1] shift,
+             double[::1] mean, double[::1] var):
+    """Per channel, from shifted sums over ``count`` values (one call, not six)::
+
+        mean = shift + s / count
+        var  = max((q - s * (s / count)) / count, 0)     (NaN stays NaN)
+    """
+    cdef Py_ssize_t C = s.shape[0], c
+    cdef double v
+    check_extents(C, q.shape[0], "q")
+    check_extents(C, shift.shape[0], "shift")
+    check_extents(C, mean.shape[0], "mean")
+    check_extents(C, var.shape[0], "var")
+    with nogil:
+        for c in range(C):
+            mean[c] = shift[c] + s[c] / count
+            v = (q[c] - s[c] * (s[c] / count)) / count
+            var[c] = 0.0 if v < 0.0 else v

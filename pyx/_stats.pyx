@@ -18,6 +18,7 @@ for any thread count.
 """
 from cython.parallel cimport prange
 from libc.stdlib cimport malloc, free
+from libc.math cimport isfinite
 from libc.string cimport memset
 
 from _simd cimport (cbn_row_moments_f, cbn_row_moments_d, cbn_rows_moments_f,
@@ -212,3 +213,29 @@ def grad_sums_mc(const floating[:, :] dy, const floating[:, :] x,
                  double[::1] out_sum_dy_xc, int n_threads):
     """sum(dy) and sum(dy * (x - center[c])) per channel of (M, C) arrays."""
     reduce_mc(GRAD_SUMS, dy, x, center, out_sum_dy, out_sum_dy_xc, n_threads)
+
+
+def first_values_ncs(const floating[:, :, :] x, double[::1] out):
+    """out[c] = x[0, c, 0] as float64 (the shift of the sums); inf and NaN become 0.
+
+    An infinite shift would turn a channel's mean into NaN where PyTorch gives
+    inf.  One compiled call: the NumPy version took three.
+    """
+    cdef Py_ssize_t C = x.shape[1], c
+    check_extents(C, out.shape[0], "the output")
+    if x.shape[0] == 0 or x.shape[2] == 0:
+        out[:] = 0.0
+        return
+    for c in range(C):
+        out[c] = x[0, c, 0] if isfinite(x[0, c, 0]) else 0.0
+
+
+def first_values_mc(const floating[:, :] x, double[::1] out):
+    """out[c] = x[0, c] as float64; inf and NaN become 0 (see first_values_ncs)."""
+    cdef Py_ssize_t C = x.shape[1], c
+    check_extents(C, out.shape[0], "the output")
+    if x.shape[0] == 0:
+        out[:] = 0.0
+        return
+    for c in range(C):
+        out[c] = x[0, c] if isfinite(x[0, c]) else 0.0

@@ -132,3 +132,34 @@ def test_weight_and_bias_may_be_any_array_like():
                                          np.array([0.0, 1.0, 0.0]), training=True)
     got = batch_norm(x, None, None, [1, 2, 3], (0.0, 1.0, 0.0), training=True)
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_a_gradient_in_the_input_layout_is_read_in_place(rng, channels_last):
+    """dy laid out as x is viewed, not copied; any other layout gives the same dx."""
+    from cbn import _layout, functional as F
+    shape = (4, 6, 5, 3)
+
+    def laid_out(values):
+        if not channels_last:
+            return np.ascontiguousarray(values)
+        return np.moveaxis(np.ascontiguousarray(np.moveaxis(values, 1, -1)), -1, 1)
+
+    x = laid_out(rng.standard_normal(shape))
+    batch = _layout.as_batch(x, 6, None, "")
+    assert batch.channels_last == channels_last
+    dy = laid_out(rng.standard_normal(shape))
+    view = _layout.like(batch, dy)
+    assert np.shares_memory(view.view, dy) and view.view.shape == batch.view.shape
+    assert np.array_equal(view.view, _layout.like(batch, np.asfortranarray(dy)).view)
+    mean, var = F.mean_var(*F.moments(batch))
+    _, invstd = F.normalize(batch, mean, var, None, None, 1e-5)
+    saved = F.Saved(batch, mean, invstd, None, True, batch.count)
+    dx = F.backward(saved, dy)[0]
+    other = F.backward(saved, np.asfortranarray(dy))[0]   # the general path: a copy
+    np.testing.assert_allclose(dx, other, rtol=1e-12, atol=1e-12)
+    xhat = (x - mean.reshape(1, -1, 1, 1)) * invstd.reshape(1, -1, 1, 1)
+    axes = (0, 2, 3)
+    expected = invstd.reshape(1, -1, 1, 1) * (dy - dy.mean(axes, keepdims=True)
+                                              - xhat * (dy * xhat).mean(axes, keepdims=True))
+    np.testing.assert_allclose(dx, expected, rtol=1e-10, atol=1e-10)

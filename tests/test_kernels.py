@@ -445,3 +445,85 @@ def test_small_calls_give_the_same_result_on_one_thread(rng, monkeypatch):
         assert np.array_equal(layer(x), parallel)
     finally:
         cbn.set_num_threads(original)
+
+
+# --------------------------------------------------------------------------- per-channel helpers
+
+
+@pytest.mark.parametrize("family", ["ncs", "mc"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_first_values(rng, family, dtype):
+    """The shift of the sums: x[0, c(, 0)] as float64, inf and NaN as 0."""
+    _, view = input_array(rng, family, "n_strided" if family == "ncs" else "m_strided",
+                          (3, 6, 5), dtype)
+    first = view[0, :, 0] if family == "ncs" else view[0]
+    first[1], first[3], first[4] = np.inf, -np.inf, np.nan
+    out = np.full(6, SENTINEL)
+    kernel(_stats, "first_values", family)(view, out)
+    expected = np.where(np.isfinite(first), first.astype(np.float64), 0.0)
+    assert np.array_equal(out, expected)
+    assert out[0] == float(first[0]) and out[1] == 0.0
+
+
+def _numpy_mean_var(count, s, q, shift):
+    with np.errstate(invalid="ignore", over="ignore"):
+        mean = shift + s / count
+        var = np.maximum((q - s * (s / count)) / count, 0.0)
+    return mean, var
+
+
+def test_mean_var_matches_the_numpy_formulas(rng):
+    c = 37
+    count = 1234
+    shift = rng.uniform(-1e4, 1e4, c)
+    s = rng.standard_normal(c) * 100
+    q = s * s / count + rng.uniform(0, 50, c)
+    q[3] = 0.0           # a negative variance from rounding clips to 0
+    s[5], q[6] = np.nan, np.inf
+    s[7] = np.inf
+    mean, var = np.empty(c), np.empty(c)
+    _normalize.mean_var(count, s, q, shift, mean, var)
+    expected_mean, expected_var = _numpy_mean_var(count, s, q, shift)
+    assert np.array_equal(mean, expected_mean, equal_nan=True)
+    assert np.array_equal(var, expected_var, equal_nan=True)
+    assert var[3] == 0.0 and np.isnan(var[5]) and var[6] == np.inf
+
+
+def test_mean_var_falls_back_to_numpy_for_other_arrays(rng):
+    from cbn import _layout
+    s, q = rng.standard_normal(5), rng.uniform(1, 2, 5)
+    shift32 = rng.standard_normal(5).astype(np.float32)        # not float64
+    mean, var = _layout.mean_var(10, s[::1], q, shift32)
+    expected = _numpy_mean_var(10, s, q, shift32.astype(np.float64))
+    assert np.array_equal(mean, expected[0]) and np.array_equal(var, expected[1])
+    strided = np.repeat(s, 2)[::2]                              # not contiguous
+    assert np.array_equal(_layout.mean_var(10, strided, q, shift32)[0], expected[0])
+
+
+def _numpy_grad_coefficients(sum_dy, sum_dy_xc, invstd, mean, weight, count, dtype):
+    a = invstd if weight is None else weight * invstd
+    b = -a * (sum_dy_xc * invstd * invstd / count)
+    m = mean.astype(dtype)
+    c = -a * sum_dy / count - b * (mean - m)
+    return a.astype(dtype), b.astype(dtype), m, c.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("weight_dtype", [None, np.float32, np.float64, np.float16])
+def test_grad_coefficients_match_the_numpy_formulas(rng, dtype, weight_dtype):
+    """a, b, m, c of dx = a * dy + b * (x - m) + c: compiled (or NumPy for float16 weights)."""
+    from cbn import _layout
+    ch, count = 19, 4096
+    sum_dy, sum_dy_xc = rng.standard_normal(ch) * 50, rng.standard_normal(ch) * 50
+    invstd, mean = rng.uniform(0.1, 3, ch), rng.uniform(-1e4, 1e4, ch)
+    weight = None if weight_dtype is None else rng.uniform(-2, 2, ch).astype(weight_dtype)
+    got = _layout.grad_coefficients(sum_dy, sum_dy_xc, invstd, mean, weight, count,
+                                    np.dtype(dtype))
+    expected = _numpy_grad_coefficients(sum_dy, sum_dy_xc, invstd, mean, weight, count, dtype)
+    for name, g, e in zip("abmc", got, expected):
+        assert g.dtype == dtype, name
+        assert np.array_equal(g, e), name
+    if weight_dtype is not None and weight_dtype != np.float16:
+        name = "float" if dtype == np.float32 else "double"
+        assert _backward.coefficients[name](sum_dy, sum_dy_xc, invstd, mean, weight,
+                                            float(count), *(np.empty(ch, dtype) for _ in "abmc"))
