@@ -27,13 +27,29 @@
  * CBN_ROW_BLOCK rows, which stays in L1 for the next channels. */
 #define CBN_ROW_BLOCK 64
 
-/* From CBN_WIDE_ROWS channels on, rows are 1 KB and more apart and those
+/* From CBN_WIDE_ROWS channels on, rows are 2 KB and more apart and those
  * strided strips starved the prefetchers (5-10 GB/s on tensors beyond L3):
  * instead rows are read in address order, CBN_ROW_GROUP at a time, their
  * sums added to s and q (which stay in L1/L2) once per group.  1.3-2x for
- * C = 1024 and 2048 in C microbenchmarks; equal at 256 and 512; slower below
- * 256, where the register blocks win. */
-#define CBN_WIDE_ROWS 256
+ * C = 1024 and 2048 in C microbenchmarks; about equal at 512; slower below,
+ * where the register blocks win. */
+#define CBN_WIDE_ROWS 512
+
+/* Below CBN_WIDE_ROWS the register blocks read a row's channels in strips
+ * (64 then 16 at a time) across a block of rows; the hardware prefetchers
+ * follow the first strip only and the other strips came from DRAM at
+ * 7-9 GB/s (C = 128-256, data not in cache; 20 GB/s at C = 64, one strip).
+ * So the first strip's pass prefetches whole rows CBN_PREFETCH_ROWS ahead,
+ * in address order: 1.3-1.6x on data not in cache, equal on cached data
+ * (C microbenchmark, this machine). */
+#define CBN_PREFETCH_ROWS 8
+
+static inline void cbn_prefetch_row(const void *row, ptrdiff_t bytes)
+{
+    const char *p = (const char *)row;
+    for (ptrdiff_t i = 0; i < bytes; i += 64)
+        __builtin_prefetch(p + i, 0, 3);
+}
 #define CBN_ROW_GROUP 8
 
 #define CBN_MOMENTS_BLOCK(T, LANES)                                            \
@@ -42,6 +58,9 @@
             for (int j = 0; j < LANES; j++) kk[j] = k[c0 + j];                 \
             for (ptrdiff_t r = r0; r < r1; r++) {                              \
                 const T *xr = x + r * row_stride + c0;                         \
+                if (c0 == 0 && r + CBN_PREFETCH_ROWS < rows)                   \
+                    cbn_prefetch_row(x + (r + CBN_PREFETCH_ROWS) * row_stride, \
+                                     C * (ptrdiff_t)sizeof(T));                \
                 _Pragma("omp simd")                                            \
                 for (int j = 0; j < LANES; j++) {                              \
                     double d = (double)xr[j] - kk[j];                          \
@@ -62,6 +81,12 @@
             for (ptrdiff_t r = r0; r < r1; r++) {                              \
                 const T *gr = dy + r * dy_stride + c0;                         \
                 const T *xr = x + r * x_stride + c0;                           \
+                if (c0 == 0 && r + CBN_PREFETCH_ROWS < rows) {                 \
+                    cbn_prefetch_row(dy + (r + CBN_PREFETCH_ROWS) * dy_stride, \
+                                     C * (ptrdiff_t)sizeof(T));                \
+                    cbn_prefetch_row(x + (r + CBN_PREFETCH_ROWS) * x_stride,   \
+                                     C * (ptrdiff_t)sizeof(T));                \
+                }                                                              \
                 _Pragma("omp simd")                                            \
                 for (int j = 0; j < LANES; j++) {                              \
                     double g = (double)gr[j];                                  \

@@ -39,8 +39,9 @@ SHAPES = sorted(
     # batches of 8 or more: (N, C, S) reductions go a sample (every channel) per
     # call, elementwise kernels a range of rows per call; S = 49 as in ResNet
     | {(8, 3, 49), (9, 5, 7), (12, 70, 3)}
-    # channels-last with >= 256 channels: rows read in groups of 8 (+ remainder)
-    | {(2, 300, 13), (5, 260, 9)}
+    # channels-last register blocks with rows prefetched ahead (C < 512), and
+    # from 512 channels rows read in groups of 8 (+ remainder)
+    | {(2, 300, 13), (5, 260, 9), (2, 520, 13), (3, 600, 3)}
 )
 
 NCS_LAYOUTS = ["contiguous", "n_strided", "c_strided", "n_reversed"]
