@@ -19,6 +19,26 @@ from _simd cimport (cbn_ncs_scale_shift_f, cbn_ncs_scale_shift_d, cbn_rows_scale
                     cbn_rows_scale_shift_d)
 from _blocks cimport unit_count, ceil_div, threads_for, check_rows, check_extents
 
+cdef extern from "cbn_stream.h" nogil:
+    int cbn_stream_available()
+    void cbn_ncs_scale_shift_stream_f(const float *x, Py_ssize_t x_sn, Py_ssize_t x_sc,
+                                      float *y, Py_ssize_t y_sn, Py_ssize_t y_sc, Py_ssize_t C,
+                                      Py_ssize_t S, Py_ssize_t row0, Py_ssize_t row1,
+                                      const float *m, const float *a, const float *b)
+    void cbn_ncs_scale_shift_stream_d(const double *x, Py_ssize_t x_sn, Py_ssize_t x_sc,
+                                      double *y, Py_ssize_t y_sn, Py_ssize_t y_sc, Py_ssize_t C,
+                                      Py_ssize_t S, Py_ssize_t row0, Py_ssize_t row1,
+                                      const double *m, const double *a, const double *b)
+    void cbn_rows_scale_shift_stream_f(const float *x, Py_ssize_t x_stride, float *y,
+                                       Py_ssize_t y_stride, Py_ssize_t rows, Py_ssize_t C,
+                                       const float *m, const float *a, const float *b)
+    void cbn_rows_scale_shift_stream_d(const double *x, Py_ssize_t x_stride, double *y,
+                                       Py_ssize_t y_stride, Py_ssize_t rows, Py_ssize_t C,
+                                       const double *m, const double *a, const double *b)
+
+#: Whether ``stream=True`` writes with streaming stores here (AVX-512 CPUs).
+STREAMING_STORES = bool(cbn_stream_available())
+
 ctypedef fused floating:
     float
     double
@@ -26,8 +46,11 @@ ctypedef fused floating:
 
 def scale_shift_ncs(const floating[:, :, :] x, const floating[::1] center,
                     const floating[::1] scale, const floating[::1] shift,
-                    floating[:, :, :] out, int n_threads):
-    """out[n, c, :] = (x[n, c, :] - center[c]) * scale[c] + shift[c] for an (N, C, S) array."""
+                    floating[:, :, :] out, int n_threads, bint stream=False):
+    """out[n, c, :] = (x[n, c, :] - center[c]) * scale[c] + shift[c] for an (N, C, S) array.
+
+    ``stream``: write ``out`` with streaming stores (see cbn_stream.h).
+    """
     cdef Py_ssize_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
     cdef Py_ssize_t item = sizeof(floating)
     cdef Py_ssize_t x_sn = x.strides[0] // item, x_sc = x.strides[1] // item
@@ -51,17 +74,30 @@ def scale_shift_ncs(const floating[:, :, :] x, const floating[::1] center,
             r0 = piece * rows // pieces
             r1 = (piece + 1) * rows // pieces
             if floating is float:
-                cbn_ncs_scale_shift_f(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn, y_sc,
-                                      C, S, r0, r1, &center[0], &scale[0], &shift[0])
+                if stream:
+                    cbn_ncs_scale_shift_stream_f(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn,
+                                                 y_sc, C, S, r0, r1, &center[0], &scale[0],
+                                                 &shift[0])
+                else:
+                    cbn_ncs_scale_shift_f(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn, y_sc,
+                                          C, S, r0, r1, &center[0], &scale[0], &shift[0])
             else:
-                cbn_ncs_scale_shift_d(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn, y_sc,
-                                      C, S, r0, r1, &center[0], &scale[0], &shift[0])
+                if stream:
+                    cbn_ncs_scale_shift_stream_d(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn,
+                                                 y_sc, C, S, r0, r1, &center[0], &scale[0],
+                                                 &shift[0])
+                else:
+                    cbn_ncs_scale_shift_d(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn, y_sc,
+                                          C, S, r0, r1, &center[0], &scale[0], &shift[0])
 
 
 def scale_shift_mc(const floating[:, :] x, const floating[::1] center,
                    const floating[::1] scale, const floating[::1] shift,
-                   floating[:, :] out, int n_threads):
-    """out[m, :] = (x[m, :] - center) * scale + shift for a channels-last (M, C) array."""
+                   floating[:, :] out, int n_threads, bint stream=False):
+    """out[m, :] = (x[m, :] - center) * scale + shift for a channels-last (M, C) array.
+
+    ``stream``: write ``out`` with streaming stores (see cbn_stream.h).
+    """
     cdef Py_ssize_t M = x.shape[0], C = x.shape[1]
     cdef Py_ssize_t units = unit_count(M, C)
     cdef Py_ssize_t rows_per_unit = ceil_div(M, units)
@@ -84,11 +120,21 @@ def scale_shift_mc(const floating[:, :] x, const floating[::1] center,
             rows = min(M, r0 + rows_per_unit) - r0
             if rows > 0:
                 if floating is float:
-                    cbn_rows_scale_shift_f(&x[r0, 0], x_stride, &out[r0, 0], out_stride,
-                                           rows, C, &center[0], &scale[0], &shift[0])
+                    if stream:
+                        cbn_rows_scale_shift_stream_f(&x[r0, 0], x_stride, &out[r0, 0],
+                                                      out_stride, rows, C, &center[0],
+                                                      &scale[0], &shift[0])
+                    else:
+                        cbn_rows_scale_shift_f(&x[r0, 0], x_stride, &out[r0, 0], out_stride,
+                                               rows, C, &center[0], &scale[0], &shift[0])
                 else:
-                    cbn_rows_scale_shift_d(&x[r0, 0], x_stride, &out[r0, 0], out_stride,
-                                           rows, C, &center[0], &scale[0], &shift[0])
+                    if stream:
+                        cbn_rows_scale_shift_stream_d(&x[r0, 0], x_stride, &out[r0, 0],
+                                                      out_stride, rows, C, &center[0],
+                                                      &scale[0], &shift[0])
+                    else:
+                        cbn_rows_scale_shift_d(&x[r0, 0], x_stride, &out[r0, 0], out_stride,
+                                               rows, C, &center[0], &scale[0], &shift[0])
 
 
 def coefficients(const double[::1] mean, const double[::1] var, weight, bias, double eps,

@@ -42,6 +42,8 @@ SHAPES = sorted(
     # channels-last register blocks with rows prefetched ahead (C < 512), and
     # from 512 channels rows read in groups of 8 (+ remainder)
     | {(2, 300, 13), (5, 260, 9), (2, 520, 13), (3, 600, 3)}
+    # streamed rows: unaligned heads and tails around whole 64-byte lines
+    | {(2, 3, 77), (3, 37, 5)}
 )
 
 NCS_LAYOUTS = ["contiguous", "n_strided", "c_strided", "n_reversed"]
@@ -180,8 +182,11 @@ def test_moments(rng, family, layout, shape, dtype, n_threads):
     assert_unchanged(shift_before, shift, "shift")
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["stores", "streamed"])
 @pytest.mark.parametrize("family, layout, shape, dtype, n_threads", GRID)
-def test_scale_shift(rng, family, layout, shape, dtype, n_threads):
+def test_scale_shift(rng, family, layout, shape, dtype, n_threads, stream):
+    """Ordinary and streaming stores (cbn_stream.h; the ordinary loop where
+    the CPU has no AVX-512) against the float64 twin, writing nothing else."""
     base, x = input_array(rng, family, layout, shape, dtype)
     channels = x.shape[1]
     center = channel_vector(rng, channels, dtype, -5, 5)
@@ -190,7 +195,7 @@ def test_scale_shift(rng, family, layout, shape, dtype, n_threads):
     out_base, out = output_array(family, layout, shape, dtype)
     before = [a.copy() for a in (base, center, scale, shift)]
 
-    kernel(_normalize, "scale_shift", family)(x, center, scale, shift, out, n_threads)
+    kernel(_normalize, "scale_shift", family)(x, center, scale, shift, out, n_threads, stream)
 
     x64 = x.astype(np.float64)
     centred = x64 - broadcast(center, family)
@@ -528,3 +533,17 @@ def test_grad_coefficients_match_the_numpy_formulas(rng, dtype, weight_dtype):
         name = "float" if dtype == np.float32 else "double"
         assert _backward.coefficients[name](sum_dy, sum_dy_xc, invstd, mean, weight,
                                             float(count), *(np.empty(ch, dtype) for _ in "abmc"))
+
+
+@pytest.mark.skipif(not _normalize.STREAMING_STORES, reason="no streaming stores on this CPU")
+@pytest.mark.parametrize("family", ["ncs", "mc"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_streamed_output_is_bitwise_the_ordinary_one(rng, family, dtype):
+    """Streaming is chosen by output size: it must not change a single bit."""
+    shape = (4, 33, 201) if family == "ncs" else (3, 67, 101)
+    _, x = input_array(rng, family, "contiguous", shape, dtype)
+    coefficients = [channel_vector(rng, x.shape[1], dtype) for _ in range(3)]
+    outs = [np.full(x.shape, SENTINEL, dtype) for _ in range(2)]
+    for out, stream in zip(outs, (False, True)):
+        kernel(_normalize, "scale_shift", family)(x, *coefficients, out, 2, stream)
+    assert np.array_equal(outs[0], outs[1])

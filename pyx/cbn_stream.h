@@ -1,0 +1,148 @@
+/* Normalisation with streaming (non-temporal) stores, for outputs too large
+ * to stay in the last-level cache next to their input.
+ *
+ * An ordinary store first reads the output's cache line from memory (the
+ * read-for-ownership), so y = (x - m) * a + b moves three streams: x in, y in,
+ * y out.  A streaming store writes whole lines without reading them: two
+ * streams.  Measured here (C loop, one thread, 25.7 MB float32): 2.9 ms with
+ * ordinary stores, 1.9 ms streaming.  The price: the output leaves the cache,
+ * so the caller (_layout.scale_shift) streams only outputs of at least half
+ * the last-level cache, which would not stay there anyway.
+ *
+ * AVX-512 only (chosen at run time); elsewhere the "stream" functions are the
+ * ordinary loops of cbn_simd.h.  Both compute fma(x - m, a, b), as the
+ * AVX-512 clone of the ordinary loop does.
+ */
+#ifndef CBN_STREAM_H
+#define CBN_STREAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include "cbn_simd.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(CBN_NO_STREAM)
+#include <immintrin.h>
+#define CBN_STREAM_TARGET __attribute__((target("avx512f,fma"), unused))
+
+static int cbn_stream_available(void)
+{
+    static int available = -1;
+    if (available < 0) {
+        __builtin_cpu_init();
+        available = __builtin_cpu_supports("avx512f") ? 1 : 0;
+    }
+    return available;
+}
+
+/* y[i] = fma(x[i] - m[i * step], a[i * step], b[i * step]), i < n, y streamed
+ * from its first 64-byte boundary on (step 0: one channel; step 1: a row of
+ * channels). */
+CBN_STREAM_TARGET static void cbn_stream_f(const float *x, float *y, ptrdiff_t n,
+                                           const float *m, const float *a, const float *b,
+                                           int step)
+{
+    ptrdiff_t i = 0;
+    for (; i < n && ((uintptr_t)(y + i) & 63); i++)
+        y[i] = __builtin_fmaf(x[i] - m[i * step], a[i * step], b[i * step]);
+    if (step) {
+        for (; i + 16 <= n; i += 16) {
+            __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(m + i));
+            _mm512_stream_ps(y + i, _mm512_fmadd_ps(d, _mm512_loadu_ps(a + i),
+                                                    _mm512_loadu_ps(b + i)));
+        }
+    } else {
+        __m512 vm = _mm512_set1_ps(*m), va = _mm512_set1_ps(*a), vb = _mm512_set1_ps(*b);
+        for (; i + 16 <= n; i += 16)
+            _mm512_stream_ps(y + i, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm),
+                                                    va, vb));
+    }
+    for (; i < n; i++)
+        y[i] = __builtin_fmaf(x[i] - m[i * step], a[i * step], b[i * step]);
+}
+
+CBN_STREAM_TARGET static void cbn_stream_d(const double *x, double *y, ptrdiff_t n,
+                                           const double *m, const double *a, const double *b,
+                                           int step)
+{
+    ptrdiff_t i = 0;
+    for (; i < n && ((uintptr_t)(y + i) & 63); i++)
+        y[i] = __builtin_fma(x[i] - m[i * step], a[i * step], b[i * step]);
+    if (step) {
+        for (; i + 8 <= n; i += 8) {
+            __m512d d = _mm512_sub_pd(_mm512_loadu_pd(x + i), _mm512_loadu_pd(m + i));
+            _mm512_stream_pd(y + i, _mm512_fmadd_pd(d, _mm512_loadu_pd(a + i),
+                                                    _mm512_loadu_pd(b + i)));
+        }
+    } else {
+        __m512d vm = _mm512_set1_pd(*m), va = _mm512_set1_pd(*a), vb = _mm512_set1_pd(*b);
+        for (; i + 8 <= n; i += 8)
+            _mm512_stream_pd(y + i, _mm512_fmadd_pd(_mm512_sub_pd(_mm512_loadu_pd(x + i), vm),
+                                                    va, vb));
+    }
+    for (; i < n; i++)
+        y[i] = __builtin_fma(x[i] - m[i * step], a[i * step], b[i * step]);
+}
+
+/* Streamed stores are weakly ordered: fence them before the threads meet. */
+CBN_STREAM_TARGET static void cbn_stream_fence(void) { _mm_sfence(); }
+
+#define CBN_DEFINE_STREAM_KERNELS(T, SUFFIX)                                   \
+static void cbn_ncs_scale_shift_stream_##SUFFIX(                               \
+        const T *x, ptrdiff_t x_sn, ptrdiff_t x_sc, T *y, ptrdiff_t y_sn,      \
+        ptrdiff_t y_sc, ptrdiff_t C, ptrdiff_t S, ptrdiff_t row0,              \
+        ptrdiff_t row1, const T *m, const T *a, const T *b)                    \
+{                                                                              \
+    if (!cbn_stream_available()) {                                             \
+        cbn_ncs_scale_shift_##SUFFIX(x, x_sn, x_sc, y, y_sn, y_sc, C, S, row0, \
+                                     row1, m, a, b);                           \
+        return;                                                                \
+    }                                                                          \
+    for (ptrdiff_t row = row0; row < row1; row++) {                            \
+        ptrdiff_t n = row / C, c = row % C;                                    \
+        cbn_stream_##SUFFIX(x + n * x_sn + c * x_sc, y + n * y_sn + c * y_sc,  \
+                            S, m + c, a + c, b + c, 0);                        \
+    }                                                                          \
+    cbn_stream_fence();                                                        \
+}                                                                              \
+                                                                               \
+static void cbn_rows_scale_shift_stream_##SUFFIX(                              \
+        const T *x, ptrdiff_t x_stride, T *y, ptrdiff_t y_stride,              \
+        ptrdiff_t rows, ptrdiff_t C, const T *m, const T *a, const T *b)       \
+{                                                                              \
+    if (!cbn_stream_available()) {                                             \
+        cbn_rows_scale_shift_##SUFFIX(x, x_stride, y, y_stride, rows, C, m, a, \
+                                      b);                                      \
+        return;                                                                \
+    }                                                                          \
+    for (ptrdiff_t r = 0; r < rows; r++)                                       \
+        cbn_stream_##SUFFIX(x + r * x_stride, y + r * y_stride, C, m, a, b, 1); \
+    cbn_stream_fence();                                                        \
+}
+
+#else  /* no streaming stores: the ordinary loops */
+
+static int cbn_stream_available(void) { return 0; }
+
+#define CBN_DEFINE_STREAM_KERNELS(T, SUFFIX)                                   \
+static void cbn_ncs_scale_shift_stream_##SUFFIX(                               \
+        const T *x, ptrdiff_t x_sn, ptrdiff_t x_sc, T *y, ptrdiff_t y_sn,      \
+        ptrdiff_t y_sc, ptrdiff_t C, ptrdiff_t S, ptrdiff_t row0,              \
+        ptrdiff_t row1, const T *m, const T *a, const T *b)                    \
+{                                                                              \
+    cbn_ncs_scale_shift_##SUFFIX(x, x_sn, x_sc, y, y_sn, y_sc, C, S, row0,     \
+                                 row1, m, a, b);                               \
+}                                                                              \
+                                                                               \
+static void cbn_rows_scale_shift_stream_##SUFFIX(                              \
+        const T *x, ptrdiff_t x_stride, T *y, ptrdiff_t y_stride,              \
+        ptrdiff_t rows, ptrdiff_t C, const T *m, const T *a, const T *b)       \
+{                                                                              \
+    cbn_rows_scale_shift_##SUFFIX(x, x_stride, y, y_stride, rows, C, m, a, b); \
+}
+
+#endif
+
+CBN_DEFINE_STREAM_KERNELS(float, f)
+CBN_DEFINE_STREAM_KERNELS(double, d)
+
+#endif
