@@ -163,3 +163,22 @@ def test_a_gradient_in_the_input_layout_is_read_in_place(rng, channels_last):
     expected = invstd.reshape(1, -1, 1, 1) * (dy - dy.mean(axes, keepdims=True)
                                               - xhat * (dy * xhat).mean(axes, keepdims=True))
     np.testing.assert_allclose(dx, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_cache_sizes_are_read_from_sysfs(tmp_path):
+    """The streaming threshold's source: level, type and size of each cache index."""
+    from cbn import _layout
+    for index, (level, kind, size) in enumerate([(1, "Data", "32K"), (1, "Instruction", "32K"),
+                                                 (2, "Unified", "1024K"), (3, "Unified", "32M")]):
+        entry = tmp_path / f"index{index}"
+        entry.mkdir()
+        (entry / "level").write_text(f"{level}\n")
+        (entry / "type").write_text(f"{kind}\n")
+        (entry / "size").write_text(f"{size}\n")
+    assert _layout._cache_bytes(2, 0, root=str(tmp_path)) == 1 << 20
+    assert _layout._cache_bytes(3, 0, root=str(tmp_path)) == 32 << 20
+    assert _layout._cache_bytes(1, 0, root=str(tmp_path)) == 32 << 10
+    assert _layout._cache_bytes(4, 123, root=str(tmp_path)) == 123
+    assert _layout._cache_bytes(2, 7, root=str(tmp_path / "missing")) == 7
+    (tmp_path / "index2" / "size").write_text("garbage\n")
+    assert _layout._cache_bytes(2, 9, root=str(tmp_path)) == 9

@@ -231,8 +231,9 @@ def test_grad_sums(rng, family, layout, shape, dtype, n_threads):
         assert_unchanged(b, a, name)
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["stores", "streamed"])
 @pytest.mark.parametrize("family, layout, shape, dtype, n_threads", GRID)
-def test_grad_input(rng, family, layout, shape, dtype, n_threads):
+def test_grad_input(rng, family, layout, shape, dtype, n_threads, stream):
     base, x = input_array(rng, family, layout, shape, dtype)
     dy_base, dy = input_array(rng, family, layout, shape, dtype, offset=np.zeros(x.shape[1]))
     channels = x.shape[1]
@@ -244,7 +245,7 @@ def test_grad_input(rng, family, layout, shape, dtype, n_threads):
     inputs = (base, dy_base, a, b, m, c)
     before = [v.copy() for v in inputs]
 
-    kernel(_backward, "grad_input", family)(dy, x, a, b, m, c, out, n_threads)
+    kernel(_backward, "grad_input", family)(dy, x, a, b, m, c, out, n_threads, stream)
 
     a64, b64, m64, c64 = (broadcast(v, family) for v in (a, b, m, c))
     dy64, x64 = dy.astype(np.float64), x.astype(np.float64)
@@ -539,11 +540,17 @@ def test_grad_coefficients_match_the_numpy_formulas(rng, dtype, weight_dtype):
 @pytest.mark.parametrize("family", ["ncs", "mc"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_streamed_output_is_bitwise_the_ordinary_one(rng, family, dtype):
-    """Streaming is chosen by output size: it must not change a single bit."""
+    """Streaming is chosen by output size: it must not change a single bit
+    (y of scale_shift, dx of grad_input)."""
     shape = (4, 33, 201) if family == "ncs" else (3, 67, 101)
     _, x = input_array(rng, family, "contiguous", shape, dtype)
     coefficients = [channel_vector(rng, x.shape[1], dtype) for _ in range(3)]
     outs = [np.full(x.shape, SENTINEL, dtype) for _ in range(2)]
     for out, stream in zip(outs, (False, True)):
         kernel(_normalize, "scale_shift", family)(x, *coefficients, out, 2, stream)
+    assert np.array_equal(outs[0], outs[1])
+    _, dy = input_array(rng, family, "contiguous", shape, dtype)
+    coefficients.append(channel_vector(rng, x.shape[1], dtype))
+    for out, stream in zip(outs, (False, True)):
+        kernel(_backward, "grad_input", family)(dy, x, *coefficients, out, 2, stream)
     assert np.array_equal(outs[0], outs[1])
