@@ -279,18 +279,27 @@ def _cache_bytes(level, default, root="/sys/devices/system/cpu/cpu0/cache"):
     return default
 
 
-# Outputs larger than a core's L2 cache are written with streaming stores
-# (cbn_stream.h): skipping the read-for-ownership of each output line saves a
-# third of the traffic.  Measured here (L2 2 MiB, L3 32 MiB, 1 thread): 6.4 MB
-# 0.36 -> 0.24 ms even with the data in L3, 25.7 MB 2.9 -> 1.9 ms; and streaming
-# every output from 1 MiB on cost a ResNet-50 nothing where the next layer reads
-# it (train step batch 16 at 112x112: 1433 vs 1489 ms; batch-1 eval at 224x224:
-# 123 vs 122 ms).  Smaller outputs stay in L2 for the next layer.
-_STREAM_MIN_BYTES = _cache_bytes(2, 2 << 20) if _normalize.STREAMING_STORES else None
+# Large outputs are written with streaming stores (cbn_stream.h), skipping the
+# read-for-ownership of each output line: a third less traffic, but the output
+# leaves the cache.  Measured here (L3 32 MiB, eval of ResNet-50's shapes at
+# batch 32 against torch, interleaved), streaming won from 3-6 MB of output per
+# thread (1 thread: 6.4 MB 0.39 -> 0.30 ms, 25.7 MB 2.3-2.6 -> 1.7-2.0 ms) and
+# lost below that at 2 threads (6.4 MB: 0.29 -> 0.35 ms), where the two cores
+# write to L3 faster than to memory; and it lost on (N, C, S) rows of 49
+# elements (partial lines at every row end: 0.15 -> 0.27 ms).  So: at least an
+# eighth of the last-level cache per thread, in rows of at least 512 bytes.
+# Streaming every output from 1 MiB on cost a ResNet-50 nothing where the next
+# layer reads it (train step batch 16 at 112x112: 1433 vs 1489 ms; batch-1 eval
+# at 224x224: 123 vs 122 ms).
+_STREAM_MIN_BYTES = _cache_bytes(3, 32 << 20) // 8 if _normalize.STREAMING_STORES else None
+_STREAM_MIN_ROW_BYTES = 512
 
 
-def _stream(out):
-    return _STREAM_MIN_BYTES is not None and out.data.nbytes >= _STREAM_MIN_BYTES
+def _stream(out, threads):
+    if _STREAM_MIN_BYTES is None or out.data.nbytes < _STREAM_MIN_BYTES * threads:
+        return False
+    view = out.view
+    return view.ndim == 2 or view.shape[2] * view.itemsize >= _STREAM_MIN_ROW_BYTES
 
 
 def _threads(array, n_threads):
@@ -418,8 +427,9 @@ def scale_shift(x, scale, shift, n_threads, out=None, center=None):
     if center is None:
         center = np.zeros(len(scale), scale.dtype)
     view = x.view
-    _SCALE_SHIFT[x.dtype, x.channels_last](view, center, scale, shift, out.view,
-                                           _threads(view, n_threads), _stream(out))
+    threads = _threads(view, n_threads)
+    _SCALE_SHIFT[x.dtype, x.channels_last](view, center, scale, shift, out.view, threads,
+                                           _stream(out, threads))
     return out
 
 
@@ -427,6 +437,7 @@ def grad_input(dy, x, a, b, m, c, n_threads, out=None):
     """a[c] * dy + b[c] * (x - m[c]) + c[c] into a new (or the given) Batch."""
     out = empty_like(x) if out is None else out
     view = x.view
-    _GRAD_INPUT[x.dtype, x.channels_last](dy.view, view, a, b, m, c, out.view,
-                                          _threads(view, n_threads), _stream(out))
+    threads = _threads(view, n_threads)
+    _GRAD_INPUT[x.dtype, x.channels_last](dy.view, view, a, b, m, c, out.view, threads,
+                                          _stream(out, threads))
     return out

@@ -6,8 +6,8 @@
  * y out.  A streaming store writes whole lines without reading them: two
  * streams.  Measured here (C loop, one thread, 25.7 MB float32): 2.9 ms with
  * ordinary stores, 1.9 ms streaming.  The price: the output leaves the cache,
- * so the caller (_layout.scale_shift) streams only outputs larger than a
- * core's L2 cache.
+ * so the caller (cbn/_layout.py) streams only large outputs (per thread) in
+ * long rows.
  *
  * AVX-512 only (chosen at run time); elsewhere the "stream" functions are the
  * ordinary loops of cbn_simd.h.  Both compute fma(x - m, a, b), as the
