@@ -399,6 +399,29 @@ def normalization_coefficients(mean, var, weight, bias, eps, dtype):
     return invstd, center, scale, shift
 
 
+_UPDATE_RUNNING = {np.dtype(np.float32): _normalize.update_running["float"],
+                   np.dtype(np.float64): _normalize.update_running["double"]}
+
+
+def update_running(running_mean, running_var, mean, var, count, factor):
+    """Blend the batch statistics into the running ones, in place (see F.update_running)."""
+    if (type(factor) is float and running_mean is not None and running_var is not None
+            and running_mean.dtype == running_var.dtype):
+        update = _UPDATE_RUNNING.get(running_mean.dtype)
+        if update is not None:
+            try:
+                update(running_mean, running_var, mean, var, count, factor)
+                return
+            except (TypeError, ValueError):  # not contiguous, or not float64 statistics
+                pass
+    with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN stay in their channel
+        if running_mean is not None:
+            running_mean[...] = (1.0 - factor) * running_mean + factor * mean
+        if running_var is not None:
+            unbiased = var * (count / (count - 1.0))
+            running_var[...] = (1.0 - factor) * running_var + factor * unbiased
+
+
 def grad_coefficients(sum_dy, sum_dy_xc, invstd, mean, weight, count, dtype):
     """(a, b, m, c) in ``dtype`` with ``a * dy + b * (x - m) + c`` the training-mode dx.
 

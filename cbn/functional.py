@@ -137,12 +137,7 @@ def update_running(running_mean, running_var, mean, var, count, factor):
     running_mean = (1 - factor) * running_mean + factor * mean
     running_var  = (1 - factor) * running_var  + factor * var * count / (count - 1)
     """
-    with np.errstate(invalid="ignore", over="ignore"):  # inf/NaN stay in their channel
-        if running_mean is not None:
-            running_mean[...] = (1.0 - factor) * running_mean + factor * mean
-        if running_var is not None:
-            unbiased = var * (count / (count - 1.0))
-            running_var[...] = (1.0 - factor) * running_var + factor * unbiased
+    _layout.update_running(running_mean, running_var, mean, var, count, factor)
 
 
 def normalize(batch, mean, var, weight, bias, eps, out=None):

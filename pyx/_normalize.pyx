@@ -231,3 +231,26 @@ def mean_var(double count, const double[::1] s, const double[::1] q, const doubl
             mean[c] = shift[c] + s[c] / count
             v = (q[c] - s[c] * (s[c] / count)) / count
             var[c] = 0.0 if v < 0.0 else v
+
+
+def update_running(floating[::1] running_mean, floating[::1] running_var,
+                   const double[::1] mean, const double[::1] var, double count, double factor):
+    """The running statistics blended with the batch's, in place, in one call::
+
+        running_mean = (1 - factor) * running_mean + factor * mean
+        running_var  = (1 - factor) * running_var  + factor * (var * (count / (count - 1)))
+
+    rounded exactly as NumPy computes those lines for ``float`` factors (the
+    product with ``1 - factor`` in the buffers' dtype, the sum in float64).
+    """
+    cdef Py_ssize_t C = running_mean.shape[0], c
+    cdef floating keep = <floating> (1.0 - factor)
+    cdef double ratio = count / (count - 1.0)
+    check_extents(C, running_var.shape[0], "running_var")
+    check_extents(C, mean.shape[0], "mean")
+    check_extents(C, var.shape[0], "var")
+    with nogil:
+        for c in range(C):
+            running_mean[c] = <floating> (<double> (keep * running_mean[c]) + factor * mean[c])
+            running_var[c] = <floating> (<double> (keep * running_var[c])
+                                         + factor * (var[c] * ratio))

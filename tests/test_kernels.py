@@ -554,3 +554,32 @@ def test_streamed_output_is_bitwise_the_ordinary_one(rng, family, dtype):
     for out, stream in zip(outs, (False, True)):
         kernel(_backward, "grad_input", family)(dy, x, *coefficients, out, 2, stream)
     assert np.array_equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_update_running_rounds_as_numpy(rng, dtype):
+    """The compiled blend of the running statistics, bitwise NumPy's two lines."""
+    from cbn import _layout
+    c, count, factor = 41, 77, 0.1
+    mean, var = rng.uniform(-1e4, 1e4, c), rng.uniform(0, 10, c)
+    mean[3], var[4] = np.nan, np.inf
+    start_mean, start_var = (rng.uniform(-5, 5, c).astype(dtype) for _ in range(2))
+    expected_mean, expected_var = start_mean.copy(), start_var.copy()
+    with np.errstate(invalid="ignore", over="ignore"):
+        expected_mean[...] = (1.0 - factor) * expected_mean + factor * mean
+        expected_var[...] = (1.0 - factor) * expected_var + factor * (var * (count / (count - 1.0)))
+    running_mean, running_var = start_mean.copy(), start_var.copy()
+    name = "float" if dtype == np.float32 else "double"
+    _normalize.update_running[name](running_mean, running_var, mean, var, count, factor)
+    assert np.array_equal(running_mean, expected_mean, equal_nan=True)
+    assert np.array_equal(running_var, expected_var, equal_nan=True)
+    # the dispatcher: compiled, or NumPy for what the kernel does not take
+    for rm, rv, f in ((start_mean.copy(), start_var.copy(), factor),
+                      (start_mean.copy(), start_var.copy(), np.float64(factor)),
+                      (np.repeat(start_mean, 2)[::2], np.repeat(start_var, 2)[::2], factor)):
+        _layout.update_running(rm, rv, mean, var, count, f)
+        with np.errstate(invalid="ignore", over="ignore"):
+            em = (1.0 - f) * start_mean + f * mean
+            ev = (1.0 - f) * start_var + f * (var * (count / (count - 1.0)))
+        assert np.array_equal(rm, em.astype(dtype), equal_nan=True)
+        assert np.array_equal(rv, ev.astype(dtype), equal_nan=True)
