@@ -285,9 +285,11 @@ def _cache_bytes(level, default, root="/sys/devices/system/cpu/cpu0/cache"):
 # batch 32 against torch, interleaved), streaming won from 3-6 MB of output per
 # thread (1 thread: 6.4 MB 0.39 -> 0.30 ms, 25.7 MB 2.3-2.6 -> 1.7-2.0 ms) and
 # lost below that at 2 threads (6.4 MB: 0.29 -> 0.35 ms), where the two cores
-# write to L3 faster than to memory; and it lost on (N, C, S) rows of 49
-# elements (partial lines at every row end: 0.15 -> 0.27 ms).  So: at least an
-# eighth of the last-level cache per thread, in rows of at least 512 bytes.
+# write to L3 faster than to memory; and it lost on short rows, which leave a
+# partial line at every row end: (N, C, S) rows of 49 elements (0.15 -> 0.27
+# ms), channels-last rows of 64 channels (2.0-2.3 -> 2.7 ms at (32,64,56,56)).
+# So: at least an eighth of the last-level cache per thread, in rows of at
+# least 512 bytes.
 # Streaming every output from 1 MiB on cost a ResNet-50 nothing where the next
 # layer reads it (train step batch 16 at 112x112: 1433 vs 1489 ms; batch-1 eval
 # at 224x224: 123 vs 122 ms).
@@ -299,7 +301,7 @@ def _stream(out, threads):
     if _STREAM_MIN_BYTES is None or out.data.nbytes < _STREAM_MIN_BYTES * threads:
         return False
     view = out.view
-    return view.ndim == 2 or view.shape[2] * view.itemsize >= _STREAM_MIN_ROW_BYTES
+    return view.shape[-1] * view.itemsize >= _STREAM_MIN_ROW_BYTES  # S, or C channels-last
 
 
 def _threads(array, n_threads):
