@@ -34,114 +34,56 @@ static int cbn_stream_available(void)
     return available;
 }
 
-/* y[i] = fma(x[i] - m[i * step], a[i * step], b[i * step]), i < n, y streamed
- * from its first 64-byte boundary on (step 0: one channel; step 1: a row of
- * channels). */
-CBN_STREAM_TARGET static void cbn_stream_f(const float *x, float *y, ptrdiff_t n,
-                                           const float *m, const float *a, const float *b,
-                                           int step)
-{
-    ptrdiff_t i = 0;
-    for (; i < n && ((uintptr_t)(y + i) & 63); i++)
-        y[i] = __builtin_fmaf(x[i] - m[i * step], a[i * step], b[i * step]);
-    if (step) {
-        for (; i + 16 <= n; i += 16) {
-            __m512 d = _mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(m + i));
-            _mm512_stream_ps(y + i, _mm512_fmadd_ps(d, _mm512_loadu_ps(a + i),
-                                                    _mm512_loadu_ps(b + i)));
-        }
-    } else {
-        __m512 vm = _mm512_set1_ps(*m), va = _mm512_set1_ps(*a), vb = _mm512_set1_ps(*b);
-        for (; i + 16 <= n; i += 16)
-            _mm512_stream_ps(y + i, _mm512_fmadd_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm),
-                                                    va, vb));
-    }
-    for (; i < n; i++)
-        y[i] = __builtin_fmaf(x[i] - m[i * step], a[i * step], b[i * step]);
+/* Per dtype T (vector type V, intrinsic suffix P, LANES per vector, scalar
+ * fused multiply-add FMA), rows of n elements with coefficients indexed
+ * i * step (step 0: one channel's; step 1: a row of channels), streamed from
+ * the output's first 64-byte boundary on:
+ *   cbn_stream_*:    y[i]  = fma(x[i] - m, a, b)
+ *   cbn_stream_gi_*: dx[i] = fma(a, dy[i], (x[i] - m) * b) + c
+ * (the ordinary AVX-512 loops' order of operations). */
+#define CBN_DEFINE_STREAM_ROWS(T, SUFFIX, V, P, LANES, FMA)                    \
+CBN_STREAM_TARGET static void cbn_stream_##SUFFIX(                             \
+        const T *x, T *y, ptrdiff_t n, const T *m, const T *a, const T *b,     \
+        int step)                                                              \
+{                                                                              \
+    ptrdiff_t i = 0;                                                           \
+    for (; i < n && ((uintptr_t)(y + i) & 63); i++)                            \
+        y[i] = FMA(x[i] - m[i * step], a[i * step], b[i * step]);              \
+    for (; i + LANES <= n; i += LANES) {                                       \
+        V vm = step ? _mm512_loadu_##P(m + i) : _mm512_set1_##P(*m);           \
+        V va = step ? _mm512_loadu_##P(a + i) : _mm512_set1_##P(*a);           \
+        V vb = step ? _mm512_loadu_##P(b + i) : _mm512_set1_##P(*b);           \
+        _mm512_stream_##P(y + i, _mm512_fmadd_##P(                             \
+            _mm512_sub_##P(_mm512_loadu_##P(x + i), vm), va, vb));             \
+    }                                                                          \
+    for (; i < n; i++)                                                         \
+        y[i] = FMA(x[i] - m[i * step], a[i * step], b[i * step]);              \
+}                                                                              \
+                                                                               \
+CBN_STREAM_TARGET static void cbn_stream_gi_##SUFFIX(                          \
+        const T *dy, const T *x, T *dx, ptrdiff_t n, const T *a, const T *b,   \
+        const T *m, const T *c, int step)                                      \
+{                                                                              \
+    ptrdiff_t i = 0;                                                           \
+    for (; i < n && ((uintptr_t)(dx + i) & 63); i++)                           \
+        dx[i] = FMA(a[i * step], dy[i], (x[i] - m[i * step]) * b[i * step])    \
+                + c[i * step];                                                 \
+    for (; i + LANES <= n; i += LANES) {                                       \
+        V va = step ? _mm512_loadu_##P(a + i) : _mm512_set1_##P(*a);           \
+        V vb = step ? _mm512_loadu_##P(b + i) : _mm512_set1_##P(*b);           \
+        V vm = step ? _mm512_loadu_##P(m + i) : _mm512_set1_##P(*m);           \
+        V vc = step ? _mm512_loadu_##P(c + i) : _mm512_set1_##P(*c);           \
+        V t = _mm512_mul_##P(_mm512_sub_##P(_mm512_loadu_##P(x + i), vm), vb); \
+        t = _mm512_fmadd_##P(va, _mm512_loadu_##P(dy + i), t);                 \
+        _mm512_stream_##P(dx + i, _mm512_add_##P(t, vc));                      \
+    }                                                                          \
+    for (; i < n; i++)                                                         \
+        dx[i] = FMA(a[i * step], dy[i], (x[i] - m[i * step]) * b[i * step])    \
+                + c[i * step];                                                 \
 }
 
-CBN_STREAM_TARGET static void cbn_stream_d(const double *x, double *y, ptrdiff_t n,
-                                           const double *m, const double *a, const double *b,
-                                           int step)
-{
-    ptrdiff_t i = 0;
-    for (; i < n && ((uintptr_t)(y + i) & 63); i++)
-        y[i] = __builtin_fma(x[i] - m[i * step], a[i * step], b[i * step]);
-    if (step) {
-        for (; i + 8 <= n; i += 8) {
-            __m512d d = _mm512_sub_pd(_mm512_loadu_pd(x + i), _mm512_loadu_pd(m + i));
-            _mm512_stream_pd(y + i, _mm512_fmadd_pd(d, _mm512_loadu_pd(a + i),
-                                                    _mm512_loadu_pd(b + i)));
-        }
-    } else {
-        __m512d vm = _mm512_set1_pd(*m), va = _mm512_set1_pd(*a), vb = _mm512_set1_pd(*b);
-        for (; i + 8 <= n; i += 8)
-            _mm512_stream_pd(y + i, _mm512_fmadd_pd(_mm512_sub_pd(_mm512_loadu_pd(x + i), vm),
-                                                    va, vb));
-    }
-    for (; i < n; i++)
-        y[i] = __builtin_fma(x[i] - m[i * step], a[i * step], b[i * step]);
-}
-
-/* dx[i] = fma(a, dy[i], (x[i] - m) * b) + c (coefficients indexed i * step),
- * the ordinary AVX-512 loop's order of operations. */
-CBN_STREAM_TARGET static void cbn_stream_gi_f(const float *dy, const float *x, float *dx,
-                                              ptrdiff_t n, const float *a, const float *b,
-                                              const float *m, const float *c, int step)
-{
-    ptrdiff_t i = 0;
-    for (; i < n && ((uintptr_t)(dx + i) & 63); i++)
-        dx[i] = __builtin_fmaf(a[i * step], dy[i], (x[i] - m[i * step]) * b[i * step])
-                + c[i * step];
-    if (step) {
-        for (; i + 16 <= n; i += 16) {
-            __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), _mm512_loadu_ps(m + i)),
-                                     _mm512_loadu_ps(b + i));
-            t = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(dy + i), t);
-            _mm512_stream_ps(dx + i, _mm512_add_ps(t, _mm512_loadu_ps(c + i)));
-        }
-    } else {
-        __m512 va = _mm512_set1_ps(*a), vb = _mm512_set1_ps(*b), vm = _mm512_set1_ps(*m),
-               vc = _mm512_set1_ps(*c);
-        for (; i + 16 <= n; i += 16) {
-            __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(x + i), vm), vb);
-            t = _mm512_fmadd_ps(va, _mm512_loadu_ps(dy + i), t);
-            _mm512_stream_ps(dx + i, _mm512_add_ps(t, vc));
-        }
-    }
-    for (; i < n; i++)
-        dx[i] = __builtin_fmaf(a[i * step], dy[i], (x[i] - m[i * step]) * b[i * step])
-                + c[i * step];
-}
-
-CBN_STREAM_TARGET static void cbn_stream_gi_d(const double *dy, const double *x, double *dx,
-                                              ptrdiff_t n, const double *a, const double *b,
-                                              const double *m, const double *c, int step)
-{
-    ptrdiff_t i = 0;
-    for (; i < n && ((uintptr_t)(dx + i) & 63); i++)
-        dx[i] = __builtin_fma(a[i * step], dy[i], (x[i] - m[i * step]) * b[i * step])
-                + c[i * step];
-    if (step) {
-        for (; i + 8 <= n; i += 8) {
-            __m512d t = _mm512_mul_pd(_mm512_sub_pd(_mm512_loadu_pd(x + i), _mm512_loadu_pd(m + i)),
-                                      _mm512_loadu_pd(b + i));
-            t = _mm512_fmadd_pd(_mm512_loadu_pd(a + i), _mm512_loadu_pd(dy + i), t);
-            _mm512_stream_pd(dx + i, _mm512_add_pd(t, _mm512_loadu_pd(c + i)));
-        }
-    } else {
-        __m512d va = _mm512_set1_pd(*a), vb = _mm512_set1_pd(*b), vm = _mm512_set1_pd(*m),
-                vc = _mm512_set1_pd(*c);
-        for (; i + 8 <= n; i += 8) {
-            __m512d t = _mm512_mul_pd(_mm512_sub_pd(_mm512_loadu_pd(x + i), vm), vb);
-            t = _mm512_fmadd_pd(va, _mm512_loadu_pd(dy + i), t);
-            _mm512_stream_pd(dx + i, _mm512_add_pd(t, vc));
-        }
-    }
-    for (; i < n; i++)
-        dx[i] = __builtin_fma(a[i * step], dy[i], (x[i] - m[i * step]) * b[i * step])
-                + c[i * step];
-}
+CBN_DEFINE_STREAM_ROWS(float, f, __m512, ps, 16, __builtin_fmaf)
+CBN_DEFINE_STREAM_ROWS(double, d, __m512d, pd, 8, __builtin_fma)
 
 /* Streamed stores are weakly ordered: fence them before the threads meet. */
 CBN_STREAM_TARGET static void cbn_stream_fence(void) { _mm_sfence(); }
