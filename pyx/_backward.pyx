@@ -7,32 +7,31 @@ precomputes four coefficients per channel; these kernels then write
 """
 from cython.parallel cimport prange
 
-from _simd cimport (cbn_ncs_grad_input_f, cbn_ncs_grad_input_d,
-                    cbn_rows_grad_input_f, cbn_rows_grad_input_d)
 from _blocks cimport unit_count, ceil_div, threads_for, check_rows, check_extents
 
+# The elementwise loops of cbn_simd.h, with streaming stores on request.
 cdef extern from "cbn_stream.h" nogil:
     void cbn_ncs_grad_input_stream_f(const float *dy, Py_ssize_t dy_sn, Py_ssize_t dy_sc,
                                      const float *x, Py_ssize_t x_sn, Py_ssize_t x_sc,
                                      float *dx, Py_ssize_t dx_sn, Py_ssize_t dx_sc, Py_ssize_t C,
                                      Py_ssize_t S, Py_ssize_t row0, Py_ssize_t row1,
                                      const float *a, const float *b, const float *m,
-                                     const float *c)
+                                     const float *c, int stream)
     void cbn_ncs_grad_input_stream_d(const double *dy, Py_ssize_t dy_sn, Py_ssize_t dy_sc,
                                      const double *x, Py_ssize_t x_sn, Py_ssize_t x_sc,
                                      double *dx, Py_ssize_t dx_sn, Py_ssize_t dx_sc,
                                      Py_ssize_t C, Py_ssize_t S, Py_ssize_t row0,
                                      Py_ssize_t row1, const double *a, const double *b,
-                                     const double *m, const double *c)
+                                     const double *m, const double *c, int stream)
     void cbn_rows_grad_input_stream_f(const float *dy, Py_ssize_t dy_stride, const float *x,
                                       Py_ssize_t x_stride, float *dx, Py_ssize_t dx_stride,
                                       Py_ssize_t rows, Py_ssize_t C, const float *a,
-                                      const float *b, const float *m, const float *c)
+                                      const float *b, const float *m, const float *c, int stream)
     void cbn_rows_grad_input_stream_d(const double *dy, Py_ssize_t dy_stride,
                                       const double *x, Py_ssize_t x_stride, double *dx,
                                       Py_ssize_t dx_stride, Py_ssize_t rows, Py_ssize_t C,
                                       const double *a, const double *b, const double *m,
-                                      const double *c)
+                                      const double *c, int stream)
 
 ctypedef fused floating:
     float
@@ -72,23 +71,13 @@ def grad_input_ncs(const floating[:, :, :] dy, const floating[:, :, :] x,
             r0 = piece * rows // pieces
             r1 = (piece + 1) * rows // pieces
             if floating is float:
-                if stream:
-                    cbn_ncs_grad_input_stream_f(&dy[0, 0, 0], g_sn, g_sc, &x[0, 0, 0], x_sn,
-                                                x_sc, &out[0, 0, 0], o_sn, o_sc, C, S, r0, r1,
-                                                &a[0], &b[0], &m[0], &c[0])
-                else:
-                    cbn_ncs_grad_input_f(&dy[0, 0, 0], g_sn, g_sc, &x[0, 0, 0], x_sn, x_sc,
-                                         &out[0, 0, 0], o_sn, o_sc, C, S, r0, r1,
-                                         &a[0], &b[0], &m[0], &c[0])
+                cbn_ncs_grad_input_stream_f(&dy[0, 0, 0], g_sn, g_sc, &x[0, 0, 0], x_sn,
+                                            x_sc, &out[0, 0, 0], o_sn, o_sc, C, S, r0, r1,
+                                            &a[0], &b[0], &m[0], &c[0], stream)
             else:
-                if stream:
-                    cbn_ncs_grad_input_stream_d(&dy[0, 0, 0], g_sn, g_sc, &x[0, 0, 0], x_sn,
-                                                x_sc, &out[0, 0, 0], o_sn, o_sc, C, S, r0, r1,
-                                                &a[0], &b[0], &m[0], &c[0])
-                else:
-                    cbn_ncs_grad_input_d(&dy[0, 0, 0], g_sn, g_sc, &x[0, 0, 0], x_sn, x_sc,
-                                         &out[0, 0, 0], o_sn, o_sc, C, S, r0, r1,
-                                         &a[0], &b[0], &m[0], &c[0])
+                cbn_ncs_grad_input_stream_d(&dy[0, 0, 0], g_sn, g_sc, &x[0, 0, 0], x_sn,
+                                            x_sc, &out[0, 0, 0], o_sn, o_sc, C, S, r0, r1,
+                                            &a[0], &b[0], &m[0], &c[0], stream)
 
 
 def grad_input_mc(const floating[:, :] dy, const floating[:, :] x,
@@ -124,23 +113,13 @@ def grad_input_mc(const floating[:, :] dy, const floating[:, :] x,
             rows = min(M, r0 + rows_per_unit) - r0
             if rows > 0:
                 if floating is float:
-                    if stream:
-                        cbn_rows_grad_input_stream_f(&dy[r0, 0], dy_stride, &x[r0, 0],
-                                                     x_stride, &out[r0, 0], out_stride, rows,
-                                                     C, &a[0], &b[0], &m[0], &c[0])
-                    else:
-                        cbn_rows_grad_input_f(&dy[r0, 0], dy_stride, &x[r0, 0], x_stride,
-                                              &out[r0, 0], out_stride, rows, C,
-                                              &a[0], &b[0], &m[0], &c[0])
+                    cbn_rows_grad_input_stream_f(&dy[r0, 0], dy_stride, &x[r0, 0],
+                                                 x_stride, &out[r0, 0], out_stride, rows,
+                                                 C, &a[0], &b[0], &m[0], &c[0], stream)
                 else:
-                    if stream:
-                        cbn_rows_grad_input_stream_d(&dy[r0, 0], dy_stride, &x[r0, 0],
-                                                     x_stride, &out[r0, 0], out_stride, rows,
-                                                     C, &a[0], &b[0], &m[0], &c[0])
-                    else:
-                        cbn_rows_grad_input_d(&dy[r0, 0], dy_stride, &x[r0, 0], x_stride,
-                                              &out[r0, 0], out_stride, rows, C,
-                                              &a[0], &b[0], &m[0], &c[0])
+                    cbn_rows_grad_input_stream_d(&dy[r0, 0], dy_stride, &x[r0, 0],
+                                                 x_stride, &out[r0, 0], out_stride, rows,
+                                                 C, &a[0], &b[0], &m[0], &c[0], stream)
 
 
 def coefficients(const double[::1] sum_dy, const double[::1] sum_dy_xc,

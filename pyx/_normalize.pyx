@@ -15,26 +15,25 @@ from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport malloc, free
 
-from _simd cimport (cbn_ncs_scale_shift_f, cbn_ncs_scale_shift_d, cbn_rows_scale_shift_f,
-                    cbn_rows_scale_shift_d)
 from _blocks cimport unit_count, ceil_div, threads_for, check_rows, check_extents
 
+# The elementwise loops of cbn_simd.h, with streaming stores on request.
 cdef extern from "cbn_stream.h" nogil:
     int cbn_stream_available()
     void cbn_ncs_scale_shift_stream_f(const float *x, Py_ssize_t x_sn, Py_ssize_t x_sc,
                                       float *y, Py_ssize_t y_sn, Py_ssize_t y_sc, Py_ssize_t C,
                                       Py_ssize_t S, Py_ssize_t row0, Py_ssize_t row1,
-                                      const float *m, const float *a, const float *b)
+                                      const float *m, const float *a, const float *b, int stream)
     void cbn_ncs_scale_shift_stream_d(const double *x, Py_ssize_t x_sn, Py_ssize_t x_sc,
                                       double *y, Py_ssize_t y_sn, Py_ssize_t y_sc, Py_ssize_t C,
                                       Py_ssize_t S, Py_ssize_t row0, Py_ssize_t row1,
-                                      const double *m, const double *a, const double *b)
+                                      const double *m, const double *a, const double *b, int stream)
     void cbn_rows_scale_shift_stream_f(const float *x, Py_ssize_t x_stride, float *y,
                                        Py_ssize_t y_stride, Py_ssize_t rows, Py_ssize_t C,
-                                       const float *m, const float *a, const float *b)
+                                       const float *m, const float *a, const float *b, int stream)
     void cbn_rows_scale_shift_stream_d(const double *x, Py_ssize_t x_stride, double *y,
                                        Py_ssize_t y_stride, Py_ssize_t rows, Py_ssize_t C,
-                                       const double *m, const double *a, const double *b)
+                                       const double *m, const double *a, const double *b, int stream)
 
 #: Whether ``stream=True`` writes with streaming stores here (AVX-512 CPUs).
 STREAMING_STORES = bool(cbn_stream_available())
@@ -74,21 +73,13 @@ def scale_shift_ncs(const floating[:, :, :] x, const floating[::1] center,
             r0 = piece * rows // pieces
             r1 = (piece + 1) * rows // pieces
             if floating is float:
-                if stream:
-                    cbn_ncs_scale_shift_stream_f(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn,
-                                                 y_sc, C, S, r0, r1, &center[0], &scale[0],
-                                                 &shift[0])
-                else:
-                    cbn_ncs_scale_shift_f(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn, y_sc,
-                                          C, S, r0, r1, &center[0], &scale[0], &shift[0])
+                cbn_ncs_scale_shift_stream_f(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn,
+                                             y_sc, C, S, r0, r1, &center[0], &scale[0],
+                                             &shift[0], stream)
             else:
-                if stream:
-                    cbn_ncs_scale_shift_stream_d(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn,
-                                                 y_sc, C, S, r0, r1, &center[0], &scale[0],
-                                                 &shift[0])
-                else:
-                    cbn_ncs_scale_shift_d(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn, y_sc,
-                                          C, S, r0, r1, &center[0], &scale[0], &shift[0])
+                cbn_ncs_scale_shift_stream_d(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn,
+                                             y_sc, C, S, r0, r1, &center[0], &scale[0],
+                                             &shift[0], stream)
 
 
 def scale_shift_mc(const floating[:, :] x, const floating[::1] center,
@@ -120,21 +111,13 @@ def scale_shift_mc(const floating[:, :] x, const floating[::1] center,
             rows = min(M, r0 + rows_per_unit) - r0
             if rows > 0:
                 if floating is float:
-                    if stream:
-                        cbn_rows_scale_shift_stream_f(&x[r0, 0], x_stride, &out[r0, 0],
-                                                      out_stride, rows, C, &center[0],
-                                                      &scale[0], &shift[0])
-                    else:
-                        cbn_rows_scale_shift_f(&x[r0, 0], x_stride, &out[r0, 0], out_stride,
-                                               rows, C, &center[0], &scale[0], &shift[0])
+                    cbn_rows_scale_shift_stream_f(&x[r0, 0], x_stride, &out[r0, 0],
+                                                  out_stride, rows, C, &center[0],
+                                                  &scale[0], &shift[0], stream)
                 else:
-                    if stream:
-                        cbn_rows_scale_shift_stream_d(&x[r0, 0], x_stride, &out[r0, 0],
-                                                      out_stride, rows, C, &center[0],
-                                                      &scale[0], &shift[0])
-                    else:
-                        cbn_rows_scale_shift_d(&x[r0, 0], x_stride, &out[r0, 0], out_stride,
-                                               rows, C, &center[0], &scale[0], &shift[0])
+                    cbn_rows_scale_shift_stream_d(&x[r0, 0], x_stride, &out[r0, 0],
+                                                  out_stride, rows, C, &center[0],
+                                                  &scale[0], &shift[0], stream)
 
 
 def coefficients(const double[::1] mean, const double[::1] var, weight, bias, double eps,

@@ -88,13 +88,15 @@ CBN_DEFINE_STREAM_ROWS(double, d, __m512d, pd, 8, __builtin_fma)
 /* Streamed stores are weakly ordered: fence them before the threads meet. */
 CBN_STREAM_TARGET static void cbn_stream_fence(void) { _mm_sfence(); }
 
+/* The kernels of cbn_simd.h with a last argument ``stream``: nonzero writes
+ * with streaming stores (when the CPU has them), zero is the ordinary loop. */
 #define CBN_DEFINE_STREAM_KERNELS(T, SUFFIX)                                   \
 static void cbn_ncs_scale_shift_stream_##SUFFIX(                               \
         const T *x, ptrdiff_t x_sn, ptrdiff_t x_sc, T *y, ptrdiff_t y_sn,      \
         ptrdiff_t y_sc, ptrdiff_t C, ptrdiff_t S, ptrdiff_t row0,              \
-        ptrdiff_t row1, const T *m, const T *a, const T *b)                    \
+        ptrdiff_t row1, const T *m, const T *a, const T *b, int stream)        \
 {                                                                              \
-    if (!cbn_stream_available()) {                                             \
+    if (!stream || !cbn_stream_available()) {                                  \
         cbn_ncs_scale_shift_##SUFFIX(x, x_sn, x_sc, y, y_sn, y_sc, C, S, row0, \
                                      row1, m, a, b);                           \
         return;                                                                \
@@ -109,9 +111,10 @@ static void cbn_ncs_scale_shift_stream_##SUFFIX(                               \
                                                                                \
 static void cbn_rows_scale_shift_stream_##SUFFIX(                              \
         const T *x, ptrdiff_t x_stride, T *y, ptrdiff_t y_stride,              \
-        ptrdiff_t rows, ptrdiff_t C, const T *m, const T *a, const T *b)       \
+        ptrdiff_t rows, ptrdiff_t C, const T *m, const T *a, const T *b,       \
+        int stream)                                                            \
 {                                                                              \
-    if (!cbn_stream_available()) {                                             \
+    if (!stream || !cbn_stream_available()) {                                  \
         cbn_rows_scale_shift_##SUFFIX(x, x_stride, y, y_stride, rows, C, m, a, \
                                       b);                                      \
         return;                                                                \
@@ -125,9 +128,10 @@ static void cbn_ncs_grad_input_stream_##SUFFIX(                                \
         const T *dy, ptrdiff_t dy_sn, ptrdiff_t dy_sc, const T *x,             \
         ptrdiff_t x_sn, ptrdiff_t x_sc, T *dx, ptrdiff_t dx_sn,                \
         ptrdiff_t dx_sc, ptrdiff_t C, ptrdiff_t S, ptrdiff_t row0,             \
-        ptrdiff_t row1, const T *a, const T *b, const T *m, const T *c)        \
+        ptrdiff_t row1, const T *a, const T *b, const T *m, const T *c,        \
+        int stream)                                                            \
 {                                                                              \
-    if (!cbn_stream_available()) {                                             \
+    if (!stream || !cbn_stream_available()) {                                  \
         cbn_ncs_grad_input_##SUFFIX(dy, dy_sn, dy_sc, x, x_sn, x_sc, dx, dx_sn,\
                                     dx_sc, C, S, row0, row1, a, b, m, c);      \
         return;                                                                \
@@ -145,9 +149,9 @@ static void cbn_ncs_grad_input_stream_##SUFFIX(                                \
 static void cbn_rows_grad_input_stream_##SUFFIX(                               \
         const T *dy, ptrdiff_t dy_stride, const T *x, ptrdiff_t x_stride,      \
         T *dx, ptrdiff_t dx_stride, ptrdiff_t rows, ptrdiff_t C,               \
-        const T *a, const T *b, const T *m, const T *c)                        \
+        const T *a, const T *b, const T *m, const T *c, int stream)            \
 {                                                                              \
-    if (!cbn_stream_available()) {                                             \
+    if (!stream || !cbn_stream_available()) {                                  \
         cbn_rows_grad_input_##SUFFIX(dy, dy_stride, x, x_stride, dx, dx_stride,\
                                      rows, C, a, b, m, c);                     \
         return;                                                                \
@@ -158,49 +162,30 @@ static void cbn_rows_grad_input_stream_##SUFFIX(                               \
     cbn_stream_fence();                                                        \
 }
 
-#else  /* no streaming stores: the ordinary loops */
+CBN_DEFINE_STREAM_KERNELS(float, f)
+CBN_DEFINE_STREAM_KERNELS(double, d)
+
+#else  /* no streaming stores: the ordinary loops, ``stream`` ignored */
 
 static int cbn_stream_available(void) { return 0; }
 
-#define CBN_DEFINE_STREAM_KERNELS(T, SUFFIX)                                   \
-static void cbn_ncs_scale_shift_stream_##SUFFIX(                               \
-        const T *x, ptrdiff_t x_sn, ptrdiff_t x_sc, T *y, ptrdiff_t y_sn,      \
-        ptrdiff_t y_sc, ptrdiff_t C, ptrdiff_t S, ptrdiff_t row0,              \
-        ptrdiff_t row1, const T *m, const T *a, const T *b)                    \
-{                                                                              \
-    cbn_ncs_scale_shift_##SUFFIX(x, x_sn, x_sc, y, y_sn, y_sc, C, S, row0,     \
-                                 row1, m, a, b);                               \
-}                                                                              \
-                                                                               \
-static void cbn_rows_scale_shift_stream_##SUFFIX(                              \
-        const T *x, ptrdiff_t x_stride, T *y, ptrdiff_t y_stride,              \
-        ptrdiff_t rows, ptrdiff_t C, const T *m, const T *a, const T *b)       \
-{                                                                              \
-    cbn_rows_scale_shift_##SUFFIX(x, x_stride, y, y_stride, rows, C, m, a, b); \
-}                                                                              \
-                                                                               \
-static void cbn_ncs_grad_input_stream_##SUFFIX(                                \
-        const T *dy, ptrdiff_t dy_sn, ptrdiff_t dy_sc, const T *x,             \
-        ptrdiff_t x_sn, ptrdiff_t x_sc, T *dx, ptrdiff_t dx_sn,                \
-        ptrdiff_t dx_sc, ptrdiff_t C, ptrdiff_t S, ptrdiff_t row0,             \
-        ptrdiff_t row1, const T *a, const T *b, const T *m, const T *c)        \
-{                                                                              \
-    cbn_ncs_grad_input_##SUFFIX(dy, dy_sn, dy_sc, x, x_sn, x_sc, dx, dx_sn,    \
-                                dx_sc, C, S, row0, row1, a, b, m, c);          \
-}                                                                              \
-                                                                               \
-static void cbn_rows_grad_input_stream_##SUFFIX(                               \
-        const T *dy, ptrdiff_t dy_stride, const T *x, ptrdiff_t x_stride,      \
-        T *dx, ptrdiff_t dx_stride, ptrdiff_t rows, ptrdiff_t C,               \
-        const T *a, const T *b, const T *m, const T *c)                        \
-{                                                                              \
-    cbn_rows_grad_input_##SUFFIX(dy, dy_stride, x, x_stride, dx, dx_stride,    \
-                                 rows, C, a, b, m, c);                         \
-}
+#define cbn_ncs_scale_shift_stream_f(x, x_sn, x_sc, y, y_sn, y_sc, C, S, r0, r1, m, a, b, s) \
+    cbn_ncs_scale_shift_f(x, x_sn, x_sc, y, y_sn, y_sc, C, S, r0, r1, m, a, b)
+#define cbn_ncs_scale_shift_stream_d(x, x_sn, x_sc, y, y_sn, y_sc, C, S, r0, r1, m, a, b, s) \
+    cbn_ncs_scale_shift_d(x, x_sn, x_sc, y, y_sn, y_sc, C, S, r0, r1, m, a, b)
+#define cbn_rows_scale_shift_stream_f(x, x_st, y, y_st, rows, C, m, a, b, s) \
+    cbn_rows_scale_shift_f(x, x_st, y, y_st, rows, C, m, a, b)
+#define cbn_rows_scale_shift_stream_d(x, x_st, y, y_st, rows, C, m, a, b, s) \
+    cbn_rows_scale_shift_d(x, x_st, y, y_st, rows, C, m, a, b)
+#define cbn_ncs_grad_input_stream_f(g, g_sn, g_sc, x, x_sn, x_sc, o, o_sn, o_sc, C, S, r0, r1, a, b, m, c, s) \
+    cbn_ncs_grad_input_f(g, g_sn, g_sc, x, x_sn, x_sc, o, o_sn, o_sc, C, S, r0, r1, a, b, m, c)
+#define cbn_ncs_grad_input_stream_d(g, g_sn, g_sc, x, x_sn, x_sc, o, o_sn, o_sc, C, S, r0, r1, a, b, m, c, s) \
+    cbn_ncs_grad_input_d(g, g_sn, g_sc, x, x_sn, x_sc, o, o_sn, o_sc, C, S, r0, r1, a, b, m, c)
+#define cbn_rows_grad_input_stream_f(g, g_st, x, x_st, o, o_st, rows, C, a, b, m, c, s) \
+    cbn_rows_grad_input_f(g, g_st, x, x_st, o, o_st, rows, C, a, b, m, c)
+#define cbn_rows_grad_input_stream_d(g, g_st, x, x_st, o, o_st, rows, C, a, b, m, c, s) \
+    cbn_rows_grad_input_d(g, g_st, x, x_st, o, o_st, rows, C, a, b, m, c)
 
 #endif
-
-CBN_DEFINE_STREAM_KERNELS(float, f)
-CBN_DEFINE_STREAM_KERNELS(double, d)
 
 #endif
