@@ -7,7 +7,8 @@ precomputes four coefficients per channel; these kernels then write
 """
 from cython.parallel cimport prange
 
-from _blocks cimport unit_count, ceil_div, threads_for, check_rows, check_extents
+from _blocks cimport (unit_count, ceil_div, threads_for, check_rows, check_extents,
+                     per_channel_kind)
 
 # The elementwise loops of cbn_simd.h, with streaming stores on request.
 cdef extern from "cbn_stream.h" nogil:
@@ -139,16 +140,14 @@ def coefficients(const double[::1] sum_dy, const double[::1] sum_dy_xc,
     cdef Py_ssize_t C = sum_dy.shape[0], ch
     cdef const double[::1] w64
     cdef const float[::1] w32
-    cdef int w_kind = 0
+    cdef int w_kind = per_channel_kind(weight, C, "weight")   # 0: absent, 1: f64, 2: f32
     cdef double ac, bc
-    if weight is not None:
-        if weight.dtype.char not in "fd" or not weight.flags.c_contiguous or weight.ndim != 1:
-            return False
-        check_extents(C, weight.shape[0], "weight")
-        if weight.dtype.char == "d":
-            w64, w_kind = weight, 1
-        else:
-            w32, w_kind = weight, 2
+    if w_kind < 0:
+        return False
+    if w_kind == 1:
+        w64 = weight
+    elif w_kind == 2:
+        w32 = weight
     check_extents(C, sum_dy_xc.shape[0], "sum_dy_xc")
     check_extents(C, invstd.shape[0], "invstd")
     check_extents(C, mean.shape[0], "mean")

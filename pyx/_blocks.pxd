@@ -71,3 +71,16 @@ cdef inline int check_extents(Py_ssize_t expected, Py_ssize_t got, str what) exc
     if got != expected:
         raise ValueError(f"cbn kernel: {what} has extent {got}, expected {expected}")
     return 0
+
+
+cdef inline int per_channel_kind(value, Py_ssize_t C, str name) except -2:
+    """How a kernel takes an optional (C,) array such as the weight: 0 None,
+    1 contiguous float64, 2 contiguous float32, -1 anything else (the caller
+    computes in NumPy); a wrong length raises ValueError naming it."""
+    if value is None:
+        return 0
+    if value.dtype.char not in "fd" or not value.flags.c_contiguous or value.ndim != 1:
+        return -1
+    if value.shape[0] != C:
+        raise ValueError(f"cbn kernel: {name} has extent {value.shape[0]}, expected {C}")
+    return 1 if value.dtype.char == "d" else 2

@@ -15,7 +15,8 @@ from cython.parallel cimport prange
 from libc.math cimport sqrt
 from libc.stdlib cimport malloc, free
 
-from _blocks cimport unit_count, ceil_div, threads_for, check_rows, check_extents
+from _blocks cimport (unit_count, ceil_div, threads_for, check_rows, check_extents,
+                     per_channel_kind)
 
 # The elementwise loops of cbn_simd.h, with streaming stores on request.
 cdef extern from "cbn_stream.h" nogil:
@@ -138,24 +139,20 @@ def coefficients(const double[::1] mean, const double[::1] var, weight, bias, do
     cdef const float[::1] w32
     cdef const double[::1] b64
     cdef const float[::1] b32
-    cdef int w_kind = 0, b_kind = 0   # 0: absent, 1: float64, 2: float32
-    for name, value in (("weight", weight), ("bias", bias)):
-        if value is None:
-            continue
-        if value.dtype.char not in "fd" or not value.flags.c_contiguous or value.ndim != 1:
-            return False
-        if value.shape[0] != C:
-            raise ValueError(f"cbn kernel: {name} has extent {value.shape[0]}, expected {C}")
-    if weight is not None:
-        if weight.dtype.char == "d":
-            w64, w_kind = weight, 1
-        else:
-            w32, w_kind = weight, 2
-    if bias is not None:
-        if bias.dtype.char == "d":
-            b64, b_kind = bias, 1
-        else:
-            b32, b_kind = bias, 2
+    cdef int w_kind = per_channel_kind(weight, C, "weight")   # 0: absent, 1: f64, 2: f32
+    if w_kind < 0:
+        return False
+    cdef int b_kind = per_channel_kind(bias, C, "bias")
+    if b_kind < 0:
+        return False
+    if w_kind == 1:
+        w64 = weight
+    elif w_kind == 2:
+        w32 = weight
+    if b_kind == 1:
+        b64 = bias
+    elif b_kind == 2:
+        b32 = bias
     check_extents(C, var.shape[0], "var")
     check_extents(C, invstd.shape[0], "invstd")
     check_extents(C, center.shape[0], "center")

@@ -583,3 +583,13 @@ def test_update_running_rounds_as_numpy(rng, dtype):
             ev = (1.0 - f) * start_var + f * (var * (count / (count - 1.0)))
         assert np.array_equal(rm, em.astype(dtype), equal_nan=True)
         assert np.array_equal(rv, ev.astype(dtype), equal_nan=True)
+
+
+def test_grad_coefficients_decline_other_weight_dtypes():
+    c = 4
+    sums = [np.ones(c) for _ in range(4)]
+    out = [np.empty(c, np.float32) for _ in range(4)]
+    assert not _backward.coefficients["float"](*sums, np.ones(c, np.float16), 10.0, *out)
+    assert not _backward.coefficients["float"](*sums, np.ones((c, 1)), 10.0, *out)
+    with pytest.raises(ValueError, match="weight"):
+        _backward.coefficients["float"](*sums, np.ones(c + 1), 10.0, *out)
