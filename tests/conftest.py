@@ -16,8 +16,11 @@ import pytest
 REQUIRE_TORCH_VARIABLE = "CBN_REQUIRE_TORCH"
 
 
-def import_torch_or_skip():
-    """Return the torch module, or skip (fail under CBN_REQUIRE_TORCH=1)."""
+def import_torch_or_skip(module_level=False):
+    """Return the torch module, or skip (fail under CBN_REQUIRE_TORCH=1).
+
+    ``module_level``: called while a test module is imported (skips the module).
+    """
     try:
         return importlib.import_module("torch")
     except ImportError as exc:
@@ -28,7 +31,8 @@ def import_torch_or_skip():
             )
         pytest.skip(
             f"torch is not installed ({exc}); differential tests against PyTorch "
-            f"skipped (set {REQUIRE_TORCH_VARIABLE}=1 to make this an error)"
+            f"skipped (set {REQUIRE_TORCH_VARIABLE}=1 to make this an error)",
+            allow_module_level=module_level,
         )
 
 

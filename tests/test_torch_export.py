@@ -13,7 +13,10 @@ import sys
 
 import pytest
 
-from torch_models import ResNet18, randomise_statistics
+from conftest import import_torch_or_skip
+
+import_torch_or_skip(module_level=True)  # torch_models builds torch modules on import
+from torch_models import ResNet18, randomise_statistics  # noqa: E402
 
 
 # torch 2.13 deprecates TorchScript; these tests check it still works
