@@ -126,11 +126,17 @@ def as_batch(x, num_features, valid_ndims, what):
             f"expected {num_features} channels (input.shape[1]), got {shape[1]} "
             f"in an input of shape {shape}")
     dtype = a.dtype
-    if dtype in _NATIVE and a.flags.c_contiguous and a.size:
-        # The common case, without the general layout search.
-        if ndim == 2 or a.size == shape[0] * shape[1]:
-            return Batch(a, a.reshape(shape[0], shape[1]), True, dtype)
-        return Batch(a, a.reshape(shape[0], shape[1], -1), False, dtype)
+    if dtype in _NATIVE and a.size:
+        # The common cases, without the general layout search (inside a network
+        # the caches are cold, and each failed view attempt costs tens of us).
+        if a.flags.c_contiguous:
+            if ndim == 2 or a.size == shape[0] * shape[1]:
+                return Batch(a, a.reshape(shape[0], shape[1]), True, dtype)
+            return Batch(a, a.reshape(shape[0], shape[1], -1), False, dtype)
+        if ndim > 2 and a.strides[1] == a.itemsize:
+            moved = a.transpose(_CHANNELS_LAST_ORDER[ndim])
+            if moved.flags.c_contiguous:  # channels-last memory, (N, spatial..., C)
+                return Batch(a, moved.reshape(-1, shape[1]), True, dtype)
     compute = compute_dtype(dtype)
     if dtype != compute or not dtype.isnative:
         a = a.astype(compute)
