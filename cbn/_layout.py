@@ -20,29 +20,23 @@ _NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class Batch:
-    """A validated input: its compute array, the kernel view and the layout."""
+    """A validated input: its compute array, the kernel view and the layout.
 
-    __slots__ = ("data", "view", "channels_last", "result_dtype")
+    ``shape``, ``dtype`` and ``count`` are plain attributes (computed once):
+    inside a network the caches are cold and every property call costs.
+    """
+
+    __slots__ = ("data", "view", "channels_last", "result_dtype", "shape", "dtype", "count")
 
     def __init__(self, data, view, channels_last, result_dtype):
         self.data = data                  # ndarray in float32/float64, caller's shape
         self.view = view                  # (N, C, S) or (M, C) view of data
         self.channels_last = channels_last
         self.result_dtype = result_dtype  # dtype handed back to the caller
-
-    @property
-    def count(self):
-        """Number of values per channel (N times the spatial size)."""
-        view = self.view
-        return view.shape[0] * view.shape[2] if view.ndim == 3 else view.shape[0]
-
-    @property
-    def shape(self):
-        return self.data.shape
-
-    @property
-    def dtype(self):
-        return self.data.dtype
+        self.shape = data.shape
+        self.dtype = data.dtype
+        shape = view.shape                # values per channel: N times the spatial size
+        self.count = shape[0] * shape[2] if len(shape) == 3 else shape[0]
 
 
 def compute_dtype(dtype):
@@ -438,7 +432,7 @@ def grad_coefficients(sum_dy, sum_dy_xc, invstd, mean, weight, count, dtype):
     ``c = -a * sum_dy / count - b * (mean - m)``, in float64, rounded once.
     """
     n = len(sum_dy)
-    a, b, m, c = (np.empty(n, dtype) for _ in range(4))
+    a, b, m, c = np.empty(n, dtype), np.empty(n, dtype), np.empty(n, dtype), np.empty(n, dtype)
     try:
         if _GRAD_COEFFICIENTS[dtype](sum_dy, sum_dy_xc, invstd, mean, weight, float(count),
                                      a, b, m, c):

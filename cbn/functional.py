@@ -91,13 +91,12 @@ class Saved:
         self.count = count              # values per channel behind mean/var (global)
 
 
-def first_values(batch):
-    """One value of each channel as float64: the shift that keeps sums exact.
-
-    A non-finite first value (inf, NaN) becomes 0: an infinite shift would turn
-    the channel's mean into NaN where PyTorch gives inf.
-    """
-    return _layout.first_values(batch)
+# One value of each channel as float64: the shift that keeps sums exact (a
+# non-finite first value, inf or NaN, becomes 0: an infinite shift would turn
+# the channel's mean into NaN where PyTorch gives inf).  The helpers below are
+# the compiled ones themselves, not wrappers: with cold caches inside a
+# network every Python call level costs microseconds.
+first_values = _layout.first_values
 
 
 def moments(batch, shift=None):
@@ -113,15 +112,18 @@ def batch_moments(batch):
 
     Raises PyTorch's error when a channel holds a single value.
     """
-    if batch.count == 0:
-        return 0, None, None, None
-    check_count(batch.count, batch.shape)
-    return moments(batch)
+    count = batch.count
+    if count <= 1:
+        if count == 0:
+            return 0, None, None, None
+        check_count(count, batch.shape)
+    shift = _layout.first_values(batch)
+    s, q = _layout.moments(batch, shift, kernel_threads())
+    return count, s, q, shift
 
 
-def mean_var(count, s, q, shift):
-    """float64 per-channel mean and biased variance from shifted sums."""
-    return _layout.mean_var(count, s, q, shift)
+# float64 per-channel mean and biased variance from shifted sums: mean_var(count, s, q, shift).
+mean_var = _layout.mean_var
 
 
 def check_count(count, shape, where=""):
@@ -131,13 +133,11 @@ def check_count(count, shape, where=""):
                          f"got input size {tuple(shape)}{where}")
 
 
-def update_running(running_mean, running_var, mean, var, count, factor):
-    """Blend the batch statistics into the running ones, in place.
-
-    running_mean = (1 - factor) * running_mean + factor * mean
-    running_var  = (1 - factor) * running_var  + factor * var * count / (count - 1)
-    """
-    _layout.update_running(running_mean, running_var, mean, var, count, factor)
+# Blend the batch statistics into the running ones, in place:
+#   running_mean = (1 - factor) * running_mean + factor * mean
+#   running_var  = (1 - factor) * running_var  + factor * var * count / (count - 1)
+# update_running(running_mean, running_var, mean, var, count, factor)
+update_running = _layout.update_running
 
 
 def normalize(batch, mean, var, weight, bias, eps, out=None):
@@ -160,7 +160,8 @@ def backward(saved, dy, reduce=None, out=None):
     target = None if out is None else _layout.check_out(saved.x, out)
     if target is not None and _overlaps_partly(out, dy.data):
         target = None  # staged, as the forward does: reads of dy must not see dx
-    sum_dy, sum_dy_xc = _layout.grad_sums(dy, saved.x, saved.mean, kernel_threads())
+    threads = kernel_threads()
+    sum_dy, sum_dy_xc = _layout.grad_sums(dy, saved.x, saved.mean, threads)
     invstd = saved.invstd
     grad_weight = sum_dy_xc * invstd
     grad_bias = sum_dy
@@ -173,11 +174,10 @@ def backward(saved, dy, reduce=None, out=None):
         # near the mean); the constant term carries the remainder.
         a, b, m, c = _layout.grad_coefficients(sum_dy, sum_dy_xc, invstd, saved.mean,
                                                saved.weight, saved.count, dtype)
-        dx = _layout.grad_input(dy, saved.x, a, b, m, c, kernel_threads(), target)
+        dx = _layout.grad_input(dy, saved.x, a, b, m, c, threads, target)
     else:
         a = invstd if saved.weight is None else saved.weight * invstd
-        dx = _layout.scale_shift(dy, a.astype(dtype), np.zeros(len(a), dtype),
-                                 kernel_threads(), target)
+        dx = _layout.scale_shift(dy, a.astype(dtype), np.zeros(len(a), dtype), threads, target)
     return _layout.deliver(dx, out), grad_weight, grad_bias
 
 

@@ -61,6 +61,7 @@ _AS_NUMPY = {torch.float32: np.dtype(np.float32), torch.float64: np.dtype(np.flo
 _functorch_active = torch._C._are_functorch_transforms_active
 _forward_ad = torch.autograd.forward_ad
 _set_versions = getattr(torch._C._autograd, "_unsafe_set_version_counter", None)
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
 
 
 class ChannelError(RuntimeError, ValueError):
@@ -337,7 +338,8 @@ class _BatchNormFunction(torch.autograd.Function):
         ctx.state = saved
         ctx.global_stats = global_stats if use_batch_stats else None
         ctx.use_batch_stats, ctx.eps = use_batch_stats, eps
-        ctx.dtypes = (input.dtype,) + tuple(None if p is None else p.dtype for p in (weight, bias))
+        ctx.dtypes = (input.dtype, None if weight is None else weight.dtype,
+                      None if bias is None else bias.dtype)
         ctx.save_for_backward(input, weight, bias)  # autograd refuses an input modified in place
         return y
 
@@ -362,6 +364,17 @@ class _BatchNormFunction(torch.autograd.Function):
         return grads + (None,)
 
 
+def _raw_apply(function):
+    """``function.apply`` without torch's Python wrapper around it.
+
+    The wrapper only reroutes functorch transforms (``_torch_semantics``
+    already sends those to torch's batch norm) and unwraps dead functorch
+    wrappers (the callers do, with the same C call); with cold caches inside
+    a network it cost 30-45 us per call.
+    """
+    return super(torch.autograd.Function, function).apply
+
+
 class _EvalFunction(_BatchNormFunction):
     """Eval with the running statistics already in float64 (``SyncBatchNorm``'s cache)."""
 
@@ -372,9 +385,13 @@ class _EvalFunction(_BatchNormFunction):
         y, invstd = F.normalize(batch, mean, var, weight_np, bias_np, eps)
         ctx.state = F.Saved(batch, mean, invstd, weight_np, False, batch.count)
         ctx.global_stats, ctx.use_batch_stats, ctx.eps = None, False, eps
-        ctx.dtypes = (input.dtype,) + tuple(None if p is None else p.dtype for p in (weight, bias))
+        ctx.dtypes = (input.dtype, None if weight is None else weight.dtype,
+                      None if bias is None else bias.dtype)
         ctx.save_for_backward(input, weight, bias)
         return _output(input, y)
+
+
+_APPLY_TRAIN, _APPLY_EVAL = _raw_apply(_BatchNormFunction), _raw_apply(_EvalFunction)
 
 
 # --------------------------------------------------------------------------- registered operators
@@ -596,7 +613,9 @@ def _batch_norm(input, weight, bias, running_mean, running_var, counter, use_bat
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and
                                     weight.requires_grad) or (bias is not None and
                                                               bias.requires_grad)):
-        return _BatchNormFunction.apply(input, weight, bias, (
+        return _APPLY_TRAIN(_unwrap_if_dead(input),
+                            weight if weight is None else _unwrap_if_dead(weight),
+                            bias if bias is None else _unwrap_if_dead(bias), (
             running_mean, running_var, _numpy(counter), use_batch_stats, momentum, eps,
             global_stats, num_features))
     return _forward(input, weight, bias, running_mean, running_var, _numpy(counter),
@@ -777,9 +796,10 @@ class SyncBatchNorm(_TorchBatchNorm):
         if torch.is_grad_enabled() and (input.requires_grad
                                         or weight is not None and weight.requires_grad
                                         or bias is not None and bias.requires_grad):
-            return _EvalFunction.apply(input, weight, bias, (cache[7], cache[8], cache[5],
-                                                             cache[6], self.eps,
-                                                             self.num_features))
+            return _APPLY_EVAL(_unwrap_if_dead(input),
+                               weight if weight is None else _unwrap_if_dead(weight),
+                               bias if bias is None else _unwrap_if_dead(bias), (cache[7], cache[8], cache[5], cache[6],
+                                                       self.eps, self.num_features))
         batch = _input_batch(input, self.num_features)
         coefficients = cache[9].get(batch.dtype)
         if coefficients is None:
