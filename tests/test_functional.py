@@ -182,3 +182,47 @@ def test_cache_sizes_are_read_from_sysfs(tmp_path):
     assert _layout._cache_bytes(2, 7, root=str(tmp_path / "missing")) == 7
     (tmp_path / "index2" / "size").write_text("garbage\n")
     assert _layout._cache_bytes(2, 9, root=str(tmp_path)) == 9
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_outputs_large_enough_to_stream_start_on_a_line(rng, channels_last):
+    """y and dx of at least _STREAM_MIN_BYTES start on a 64-byte line; smaller ones need not."""
+    import cbn
+    from cbn import _layout
+    if _layout._STREAM_MIN_BYTES is None:
+        pytest.skip("no streaming stores in this build")
+    for shape in [(8, 64, 8, 8), (4, 64, 8, 8)]:
+        shape = (shape[0] * -(-_layout._STREAM_MIN_BYTES // (4 * np.prod(shape))),) + shape[1:]
+        x = rng.standard_normal(shape, dtype=np.float32)
+        if channels_last:
+            x = np.moveaxis(np.ascontiguousarray(np.moveaxis(x, 1, -1)), -1, 1)
+        layer = cbn.BatchNorm2d(64)
+        layer.RECYCLE_BYTES = float("inf")
+        y = layer(x)
+        dx = layer.backward(np.ones_like(x))
+        for out in (y, dx):
+            assert out.strides == x.strides
+            assert out.__array_interface__["data"][0] % 64 == 0
+        axes = (0, 2, 3)
+        expected = (x - x.mean(axes, keepdims=True)) / np.sqrt(x.var(axes, keepdims=True) + 1e-5)
+        np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-4)
+    small = cbn.BatchNorm2d(64)(rng.standard_normal((2, 64, 4, 4)))
+    assert small.flags.c_contiguous  # np.empty: no alignment asked for
+
+
+def test_rows_of_whole_lines_stream_and_partial_lines_do_not():
+    """Channels-last rows of 64 float32 channels stream when they start on a line, not otherwise."""
+    from cbn import _layout
+    if _layout._STREAM_MIN_BYTES is None:
+        pytest.skip("no streaming stores in this build")
+    rows = _layout._STREAM_MIN_BYTES // 256 + 1
+    raw = np.empty(rows * 64 + 32, np.float32)
+    start = -raw.__array_interface__["data"][0] % 64 // 4
+    for offset, streams in ((start, True), (start + 4, False)):
+        data = raw[offset:offset + rows * 64].reshape(rows, 64)
+        assert _layout._stream(_layout.Batch(data, data, True, data.dtype), 1) == streams
+    small = np.empty((16, 64), np.float32)
+    assert not _layout._stream(_layout.Batch(small, small, True, small.dtype), 1)
+    ncs = _layout.empty_like(_layout.as_batch(np.empty((rows // 49 + 1, 64, 7, 7), np.float32),
+                                              64, None, ""))
+    assert not _layout._stream(ncs, 1)  # rows of 49 floats: partial lines, never streamed
