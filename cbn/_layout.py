@@ -11,12 +11,13 @@ An input that fits neither is copied once into C order.  Validation happens
 here, in Python; the kernels assume valid input and never raise.
 """
 import os
+import sys
 
 import numpy as np
 
 from cbn import _normalize, _stats, _backward
 
-_NATIVE = (np.dtype(np.float32), np.dtype(np.float64))
+_NATIVE = NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 class Batch:
@@ -233,6 +234,32 @@ def _new(shape, dtype, size):
     raw = np.empty(size + _LINE // itemsize, dtype)
     offset = -raw.__array_interface__["data"][0] % _LINE // itemsize
     return raw[offset:offset + size].reshape(shape)
+
+
+def reusable(spare, batch):
+    """``spare`` (an output Batch handed out earlier) when ``batch``'s output may go into it.
+
+    Fresh memory for a large output costs a page fault per page on every
+    call, because the allocator returns large blocks to the system.  Once
+    the caller has dropped the previous output (no reference, no view, no
+    tensor sharing its memory left), writing the new one into it is invisible
+    to anyone.  None when shape, dtype or layout differ or anyone holds it.
+    """
+    if (spare is None or spare.shape != batch.shape or spare.dtype != batch.dtype
+            or spare.channels_last != batch.channels_last):
+        return None
+    # Nobody else may hold the array we returned, nor the array owning its
+    # memory (every NumPy view refers to the owner; a tensor from
+    # torch.from_numpy holds the array it was made from).  The references
+    # that are ours: the Batch's slots, the views' bases, the local name and
+    # getrefcount's argument.
+    data, view = spare.data, spare.view
+    base = data.base
+    if sys.getrefcount(data) != 3 + 2 * (view is data) + (view.base is data):
+        return None
+    if base is not None and sys.getrefcount(base) != 3 + (view.base is base):
+        return None
+    return spare
 
 
 def empty_like(batch, dtype=None):

@@ -15,7 +15,6 @@ any state, and an error names the attribute.
 """
 import math
 import numbers
-import sys
 import threading
 from typing import Any, Dict, Mapping, Optional
 
@@ -491,26 +490,9 @@ class _BatchNorm:
     RECYCLE_BYTES = 1 << 20
 
     def _recycled_output(self, batch):
-        """The last output's memory for this call's output, when nobody holds it any more.
-
-        Fresh memory for a large output costs a page fault per page on every
-        call, because the allocator returns large blocks to the system.  Once
-        the caller has dropped the previous output (no reference, no view
-        left), writing the new one into it is invisible to anyone.
-        """
-        spare = self.__dict__.pop("_spare", None)   # a dict pop: one thread gets it
-        if (spare is None or spare.shape != batch.shape or spare.dtype != batch.dtype
-                or spare.channels_last != batch.channels_last):
-            return None
-        # Nobody else may hold the array we returned, nor the array owning its
-        # memory (every NumPy view refers to the owner).  Count the references
-        # that are ours: the Batch's two arrays, the local name, getrefcount's.
-        for array in {id(a): a for a in (spare.data, spare.data.base) if a is not None}.values():
-            ours = 2 + sum(array is a for a in (spare.data, spare.data.base,
-                                                 spare.view, spare.view.base))
-            if sys.getrefcount(array) != ours:
-                return None
-        return spare
+        """The last output's memory for this call's output, when nobody holds it any more."""
+        # a dict pop: one thread gets it
+        return _layout.reusable(self.__dict__.pop("_spare", None), batch)
 
     def _eval_coefficients(self, dtype):
         """Per-channel (mean, invstd, scale, shift) from the running statistics, cached.

@@ -148,13 +148,29 @@ def _check_input(input, num_features):
                            f"{input.shape[1]} in an input of shape {tuple(input.shape)}")
 
 
+def _plain_array(input, num_features):
+    """The ndarray of a plain CPU float32/float64 tensor with the right channels, else None.
+
+    The common case in as few tensor calls as possible: inside a network
+    every call here runs with cold caches, and each tensor method then costs
+    microseconds.  ``numpy()`` itself refuses what the kernels cannot view
+    (another device, bfloat16); NumPy's attributes check the rest.
+    """
+    if type(input) is not torch.Tensor:
+        return None
+    try:
+        array = input.detach().numpy() if input.requires_grad else input.numpy()
+    except (TypeError, RuntimeError):  # not on the CPU, or no NumPy dtype: the checks below
+        return None
+    if array.dtype in _layout.NATIVE_DTYPES and array.ndim > 1 and array.shape[1] == num_features:
+        return array
+    return None
+
+
 def _input_batch(input, num_features):
     """Validate a CPU tensor and return its Batch, a view of its memory where possible."""
-    if type(input) is torch.Tensor and input.is_cpu and input.dtype in _NUMPY_DTYPES \
-            and input.ndim > 1 and input.shape[1] == num_features:
-        # The common case in few calls: inside a network every call here runs
-        # with cold caches, and each tensor method then costs microseconds.
-        array = input.detach().numpy() if input.requires_grad else input.numpy()
+    array = _plain_array(input, num_features)
+    if array is not None:
         return _layout.as_batch(array, num_features, None, "(N, C, ...)")
     _check_input(input, num_features)
     if input.dtype == torch.bfloat16:  # NumPy has no bfloat16: computed in float32
@@ -708,6 +724,11 @@ class SyncBatchNorm(_TorchBatchNorm):
 
     __jit_unused_properties__ = ["_global"]
 
+    #: Eval outputs of at least this many bytes reuse the memory of the
+    #: previous output once nothing holds it any more (no page faults on fresh
+    #: memory); ``float('inf')``: never.
+    RECYCLE_BYTES = 1 << 20
+
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, process_group=None, device=None, dtype=None, *,
                  bias=True, timeout=None):
@@ -800,14 +821,27 @@ class SyncBatchNorm(_TorchBatchNorm):
                                weight if weight is None else _unwrap_if_dead(weight),
                                bias if bias is None else _unwrap_if_dead(bias), (cache[7], cache[8], cache[5], cache[6],
                                                        self.eps, self.num_features))
-        batch = _input_batch(input, self.num_features)
+        array = _plain_array(input, self.num_features)
+        batch = _input_batch(input, self.num_features) if array is None else \
+            _layout.as_batch(array, self.num_features, None, "(N, C, ...)")
         coefficients = cache[9].get(batch.dtype)
         if coefficients is None:
             coefficients = cache[9][batch.dtype] = _layout.normalization_coefficients(
                 cache[7], cache[8], cache[5], cache[6], self.eps, batch.dtype)[1:]
         center, scale, shift = coefficients
-        y = _layout.scale_shift(batch, scale, shift, kernel_threads(), None, center)
-        return _output(input, y)
+        if array is None:
+            return _output(input, _layout.scale_shift(batch, scale, shift, kernel_threads(),
+                                                      None, center))
+        # A plain float32/float64 input: the output is a tensor on the kernel's
+        # array, written into the last output's memory once nobody holds it
+        # (no tensor, view or array of it left), as the NumPy layers do.
+        recycle = batch.data.nbytes >= self.RECYCLE_BYTES
+        y = _layout.scale_shift(batch, scale, shift, kernel_threads(),
+                                _layout.reusable(self.__dict__.pop("_spare", None), batch)
+                                if recycle else None, center)
+        if recycle:
+            self.__dict__["_spare"] = y
+        return torch.from_numpy(y.data)
 
     def _scripted_forward(self, input: Tensor) -> Tensor:
         # TorchScript: eval is torch's batch norm (portable); training runs the
@@ -833,6 +867,7 @@ class SyncBatchNorm(_TorchBatchNorm):
         state = self.__dict__.copy()
         state.pop("_group_handle", None)
         state.pop("_eval_cache", None)
+        state.pop("_spare", None)
         return state
 
     def __setstate__(self, state):

@@ -199,7 +199,9 @@ def test_a_dropped_large_output_is_recycled_and_a_held_one_never(channels_last):
     layer = cbn.BatchNorm2d(64).eval()
     first = layer(x)
     kept = first.copy()
+    spare = layer._spare
     second = layer(x * 2)                  # `first` is held: fresh memory
+    assert layer._spare is not spare
     assert address(second) != address(first)
     np.testing.assert_array_equal(first, kept)
     view = second[:, :3]
@@ -210,8 +212,10 @@ def test_a_dropped_large_output_is_recycled_and_a_held_one_never(channels_last):
     assert address(third) != address_second
     np.testing.assert_array_equal(view, view_values)
     address_third = address(third)
+    spare = layer._spare
     del third
     fourth = layer(x * 4)                  # nothing holds `third`: its memory is reused
+    assert layer._spare is spare, "not recycled (a fresh block at the same address?)"
     assert address(fourth) == address_third
     np.testing.assert_array_equal(fourth, expected_eval(layer, x * 4))
     assert channels_last == np.moveaxis(fourth, 1, -1).flags.c_contiguous
