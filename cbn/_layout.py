@@ -334,7 +334,10 @@ def _cache_bytes(level, default, root="/sys/devices/system/cpu/cpu0/cache"):
 # partial line at every row end: (N, C, S) rows of 49 elements (0.15 -> 0.27
 # ms), channels-last rows of 64 channels (2.0-2.3 -> 2.7 ms at (32,64,56,56)).
 # So: at least an eighth of the last-level cache per thread, in rows of at
-# least 512 bytes -- or in rows of whole lines: outputs that large start on a
+# least 2 KiB (rows of 196 floats, 784 bytes, with a partial line at each end,
+# lost too: eval (32,256,14,14) 1 thread 0.435 -> 0.585 ms, (32,1024,14,14)
+# 2.81 -> 2.96-3.05 ms; rows of 3136 bytes won: (32,128,28,28) 1.23 -> 0.73
+# ms) -- or in rows of whole lines: outputs that large start on a
 # line (``_new``), and then channels-last rows of 64 float32 channels stream
 # with no partial line (scale_shift at (32,64,56,56), 1 thread, inputs from
 # torch, interleaved: 2.45-2.90 -> 1.69-1.96 ms; grad_input 3.1-4.3 -> 2.9-3.4;
@@ -343,7 +346,7 @@ def _cache_bytes(level, default, root="/sys/devices/system/cpu/cpu0/cache"):
 # layer reads it (train step batch 16 at 112x112: 1433 vs 1489 ms; batch-1 eval
 # at 224x224: 123 vs 122 ms).
 _STREAM_MIN_BYTES = _cache_bytes(3, 32 << 20) // 8 if _normalize.STREAMING_STORES else None
-_STREAM_MIN_ROW_BYTES = 512
+_STREAM_MIN_ROW_BYTES = 2048
 _LINE = 64
 
 

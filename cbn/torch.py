@@ -724,11 +724,6 @@ class SyncBatchNorm(_TorchBatchNorm):
 
     __jit_unused_properties__ = ["_global"]
 
-    #: Eval outputs of at least this many bytes reuse the memory of the
-    #: previous output once nothing holds it any more (no page faults on fresh
-    #: memory); ``float('inf')``: never.
-    RECYCLE_BYTES = 1 << 20
-
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True,
                  track_running_stats=True, process_group=None, device=None, dtype=None, *,
                  bias=True, timeout=None):
@@ -829,19 +824,9 @@ class SyncBatchNorm(_TorchBatchNorm):
             coefficients = cache[9][batch.dtype] = _layout.normalization_coefficients(
                 cache[7], cache[8], cache[5], cache[6], self.eps, batch.dtype)[1:]
         center, scale, shift = coefficients
-        if array is None:
-            return _output(input, _layout.scale_shift(batch, scale, shift, kernel_threads(),
-                                                      None, center))
-        # A plain float32/float64 input: the output is a tensor on the kernel's
-        # array, written into the last output's memory once nobody holds it
-        # (no tensor, view or array of it left), as the NumPy layers do.
-        recycle = batch.data.nbytes >= self.RECYCLE_BYTES
-        y = _layout.scale_shift(batch, scale, shift, kernel_threads(),
-                                _layout.reusable(self.__dict__.pop("_spare", None), batch)
-                                if recycle else None, center)
-        if recycle:
-            self.__dict__["_spare"] = y
-        return torch.from_numpy(y.data)
+        y = _layout.scale_shift(batch, scale, shift, kernel_threads(), None, center)
+        # a plain float32/float64 input: the output is already of its dtype
+        return _output(input, y) if array is None else torch.from_numpy(y.data)
 
     def _scripted_forward(self, input: Tensor) -> Tensor:
         # TorchScript: eval is torch's batch norm (portable); training runs the
@@ -867,7 +852,6 @@ class SyncBatchNorm(_TorchBatchNorm):
         state = self.__dict__.copy()
         state.pop("_group_handle", None)
         state.pop("_eval_cache", None)
-        state.pop("_spare", None)
         return state
 
     def __setstate__(self, state):

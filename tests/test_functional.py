@@ -221,6 +221,10 @@ def test_rows_of_whole_lines_stream_and_partial_lines_do_not():
         assert _layout._stream(_layout.Batch(data, data, True, data.dtype), 1) == streams
     small = np.empty((16, 64), np.float32)
     assert not _layout._stream(_layout.Batch(small, small, True, small.dtype), 1)
-    ncs = _layout.empty_like(_layout.as_batch(np.empty((rows // 49 + 1, 64, 7, 7), np.float32),
-                                              64, None, ""))
-    assert not _layout._stream(ncs, 1)  # rows of 49 floats: partial lines, never streamed
+    for size, streams in ((7, False), (14, False), (28, True)):
+        # (N, C, S) rows of 49 and 196 floats end in partial lines: not streamed
+        # (eval (32,256,14,14) lost 20-30%); rows of 784 floats (3136 bytes) are
+        n = _layout._STREAM_MIN_BYTES // (4 * 64 * size * size) + 1
+        ncs = _layout.empty_like(_layout.as_batch(np.empty((n, 64, size, size), np.float32),
+                                                  64, None, ""))
+        assert _layout._stream(ncs, 1) == streams, size
