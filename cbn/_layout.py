@@ -201,8 +201,13 @@ def _copy_in_layout(a, channels_last):
     return out
 
 
-def _empty(shape, dtype, channels_last):
-    """(array, kernel view) of a new array of ``shape`` in the given layout."""
+def _empty(shape, dtype, channels_last, threads=0):
+    """(array, kernel view) of a new array of ``shape`` in the given layout.
+
+    ``threads``: the kernel that writes it will run on that many threads
+    (0: not a streamed output); a channels-last output that will be streamed
+    starts on a cache line (``_new``).
+    """
     n, c = shape[0], shape[1]
     spatial = 1
     for size in shape[2:]:
@@ -213,13 +218,13 @@ def _empty(shape, dtype, channels_last):
     if len(shape) == 2:
         data = np.empty(shape, dtype)
         return data, data
-    base = _new((n,) + tuple(shape[2:]) + (c,), dtype, n * c * spatial)   # NHWC memory
+    base = _new((n,) + tuple(shape[2:]) + (c,), dtype, n * c * spatial, threads)  # NHWC
     order = (0, base.ndim - 1) + tuple(range(1, base.ndim - 1))
     return base.transpose(order), base.reshape(n * spatial, c)
 
 
-def _new(shape, dtype, size):
-    """np.empty(shape, dtype); starting on a 64-byte line when it is large enough to stream.
+def _new(shape, dtype, size, threads):
+    """np.empty(shape, dtype); starting on a 64-byte line when it will be streamed.
 
     malloc aligns to 16 bytes only; an aligned channels-last output whose rows
     are whole lines (64 float32 channels, say) is streamed without the partial
@@ -229,8 +234,8 @@ def _new(shape, dtype, size):
     """
     dtype = np.dtype(dtype)
     itemsize = dtype.itemsize
-    if _STREAM_MIN_BYTES is None or size * itemsize < _STREAM_MIN_BYTES:
-        return np.empty(shape, dtype)
+    if not threads or _STREAM_MIN_BYTES is None or size * itemsize < _STREAM_MIN_BYTES * threads:
+        return np.empty(shape, dtype)  # (aligning costs three more NumPy calls)
     raw = np.empty(size + _LINE // itemsize, dtype)
     offset = -raw.__array_interface__["data"][0] % _LINE // itemsize
     return raw[offset:offset + size].reshape(shape)
@@ -262,9 +267,9 @@ def reusable(spare, batch):
     return spare
 
 
-def empty_like(batch, dtype=None):
-    """An uninitialised Batch with ``batch``'s shape, dtype and layout."""
-    data, view = _empty(batch.shape, dtype or batch.dtype, batch.channels_last)
+def empty_like(batch, dtype=None, threads=0):
+    """An uninitialised Batch with ``batch``'s shape, dtype and layout (``threads``: _empty)."""
+    data, view = _empty(batch.shape, dtype or batch.dtype, batch.channels_last, threads)
     return Batch(data, view, batch.channels_last, batch.result_dtype)
 
 
@@ -508,11 +513,11 @@ def grad_coefficients(sum_dy, sum_dy_xc, invstd, mean, weight, count, dtype):
 
 def scale_shift(x, scale, shift, n_threads, out=None, center=None):
     """(x - center[c]) * scale[c] + shift[c] (center None: 0) into a new (or the given) Batch."""
-    out = empty_like(x) if out is None else out
-    if center is None:
-        center = np.zeros(len(scale), scale.dtype)
     view = x.view
     threads = _threads(view, n_threads)
+    out = empty_like(x, threads=threads) if out is None else out
+    if center is None:
+        center = np.zeros(len(scale), scale.dtype)
     _SCALE_SHIFT[x.dtype, x.channels_last](view, center, scale, shift, out.view, threads,
                                            _stream(out, threads))
     return out
@@ -520,9 +525,9 @@ def scale_shift(x, scale, shift, n_threads, out=None, center=None):
 
 def grad_input(dy, x, a, b, m, c, n_threads, out=None):
     """a[c] * dy + b[c] * (x - m[c]) + c[c] into a new (or the given) Batch."""
-    out = empty_like(x) if out is None else out
     view = x.view
     threads = _threads(view, n_threads)
+    out = empty_like(x, threads=threads) if out is None else out
     _GRAD_INPUT[x.dtype, x.channels_last](dy.view, view, a, b, m, c, out.view, threads,
                                           _stream(out, threads))
     return out
