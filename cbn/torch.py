@@ -410,6 +410,12 @@ class _EvalFunction(_BatchNormFunction):
 _APPLY_TRAIN, _APPLY_EVAL = _raw_apply(_BatchNormFunction), _raw_apply(_EvalFunction)
 
 
+def _apply(apply, input, weight, bias, options):
+    """``apply(input, weight, bias, options)`` with dead functorch wrappers unwrapped."""
+    return apply(_unwrap_if_dead(input), None if weight is None else _unwrap_if_dead(weight),
+                 None if bias is None else _unwrap_if_dead(bias), options)
+
+
 # --------------------------------------------------------------------------- registered operators
 
 def _num_features(input, *per_channel):
@@ -629,9 +635,7 @@ def _batch_norm(input, weight, bias, running_mean, running_var, counter, use_bat
     if torch.is_grad_enabled() and (input.requires_grad or (weight is not None and
                                     weight.requires_grad) or (bias is not None and
                                                               bias.requires_grad)):
-        return _APPLY_TRAIN(_unwrap_if_dead(input),
-                            weight if weight is None else _unwrap_if_dead(weight),
-                            bias if bias is None else _unwrap_if_dead(bias), (
+        return _apply(_APPLY_TRAIN, input, weight, bias, (
             running_mean, running_var, _numpy(counter), use_batch_stats, momentum, eps,
             global_stats, num_features))
     return _forward(input, weight, bias, running_mean, running_var, _numpy(counter),
@@ -812,10 +816,8 @@ class SyncBatchNorm(_TorchBatchNorm):
         if torch.is_grad_enabled() and (input.requires_grad
                                         or weight is not None and weight.requires_grad
                                         or bias is not None and bias.requires_grad):
-            return _APPLY_EVAL(_unwrap_if_dead(input),
-                               weight if weight is None else _unwrap_if_dead(weight),
-                               bias if bias is None else _unwrap_if_dead(bias), (cache[7], cache[8], cache[5], cache[6],
-                                                       self.eps, self.num_features))
+            return _apply(_APPLY_EVAL, input, weight, bias,
+                          (cache[7], cache[8], cache[5], cache[6], self.eps, self.num_features))
         array = _plain_array(input, self.num_features)
         batch = _input_batch(input, self.num_features) if array is None else \
             _layout.as_batch(array, self.num_features, None, "(N, C, ...)")
