@@ -119,8 +119,16 @@ def _global_stats_of(handle):
 # --------------------------------------------------------------------------- the NumPy core
 
 def _numpy(tensor):
-    """The ndarray sharing ``tensor``'s memory (None stays None)."""
-    return None if tensor is None else tensor.detach().numpy()
+    """The ndarray sharing ``tensor``'s memory (None stays None; a negated view: a copy)."""
+    if tensor is None:
+        return None
+    tensor = tensor.detach()
+    try:
+        return tensor.numpy()
+    except RuntimeError:  # a lazily negated view (torch._neg_view): NumPy cannot see the bit
+        if not tensor.is_neg():
+            raise
+        return tensor.resolve_neg().numpy()
 
 
 def _numpy_f32(tensor):

@@ -176,6 +176,27 @@ def test_low_precision_input_is_computed_in_float32(torch, ct, dtype):
 
 # --- memory ----------------------------------------------------------------------
 
+@pytest.mark.parametrize("training", [True, False])
+def test_negated_views_as_input_and_gradient_as_torch(torch, ct, training):
+    """torch._neg_view tensors (NumPy cannot read their negation bit) give torch's results."""
+    x = torch.randn(4, 6, 5, dtype=torch.float64)
+    layer, reference = ct.SyncBatchNorm(6).double(), torch.nn.BatchNorm1d(6).double()
+    layer.train(training), reference.train(training)
+    outputs = []
+    for module in (layer, reference):
+        xi = torch._neg_view(x).requires_grad_()
+        y = module(xi)
+        y.backward(torch._neg_view(torch.arange(y.numel(), dtype=y.dtype).reshape(y.shape)))
+        outputs.append((y.detach(), xi.grad))
+        with torch.no_grad():
+            outputs.append(module.eval()(torch._neg_view(x)))
+        module.train(training)
+    (y, dx), eval_y, (y_ref, dx_ref), eval_ref = outputs
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dx, dx_ref)
+    torch.testing.assert_close(eval_y, eval_ref)
+
+
 def test_zero_copy_between_torch_and_numpy(torch, ct):
     layer = ct.SyncBatchNorm(4)
     x = torch.randn(2, 4, 3, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
