@@ -345,8 +345,8 @@ def _cache_bytes(level, default, root="/sys/devices/system/cpu/cpu0/cache"):
 # ms) -- or in rows of whole lines: outputs that large start on a
 # line (``_new``), and then channels-last rows of 64 float32 channels stream
 # with no partial line (scale_shift at (32,64,56,56), 1 thread, inputs from
-# torch, interleaved: 2.45-2.90 -> 1.69-1.96 ms; grad_input 3.1-4.3 -> 2.9-3.4;
-# (32,128,28,28) 0.73-0.96 -> 0.62-0.94 ms; NCHW rows equal).
+# torch, interleaved: 2.45-2.90 -> 1.69-1.96 ms; grad_input, NumPy inputs,
+# 3.1-4.3 -> 2.9-3.4 ms; (32,128,28,28) 0.73-0.96 -> 0.62-0.94 ms).
 # Streaming every output from 1 MiB on cost a ResNet-50 nothing where the next
 # layer reads it (train step batch 16 at 112x112: 1433 vs 1489 ms; batch-1 eval
 # at 224x224: 123 vs 122 ms).
