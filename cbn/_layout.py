@@ -17,7 +17,7 @@ import numpy as np
 
 from cbn import _normalize, _stats, _backward
 
-_NATIVE = NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+NATIVE_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))  # what the kernels take
 
 
 class Batch:
@@ -43,7 +43,7 @@ class Batch:
 def compute_dtype(dtype):
     """The dtype the kernels run in for an input of ``dtype`` (TypeError if not floating)."""
     dtype = np.dtype(dtype)
-    if dtype in _NATIVE:
+    if dtype in NATIVE_DTYPES:
         return dtype
     if dtype.kind != "f":
         raise TypeError(
@@ -121,7 +121,7 @@ def as_batch(x, num_features, valid_ndims, what):
             f"expected {num_features} channels (input.shape[1]), got {shape[1]} "
             f"in an input of shape {shape}")
     dtype = a.dtype
-    if dtype in _NATIVE and a.size:
+    if dtype in NATIVE_DTYPES and a.size:
         # The common cases, without the general layout search (inside a network
         # the caches are cold, and each failed view attempt costs tens of us).
         if a.flags.c_contiguous:
@@ -234,7 +234,7 @@ def _new(shape, dtype, size, threads):
     """
     dtype = np.dtype(dtype)
     itemsize = dtype.itemsize
-    if not threads or _STREAM_MIN_BYTES is None or size * itemsize < _STREAM_MIN_BYTES * threads:
+    if not threads or not _streamable(size * itemsize, threads):
         return np.empty(shape, dtype)  # (aligning costs three more NumPy calls)
     raw = np.empty(size + _LINE // itemsize, dtype)
     offset = -raw.__array_interface__["data"][0] % _LINE // itemsize
@@ -355,8 +355,13 @@ _STREAM_MIN_ROW_BYTES = 2048
 _LINE = 64
 
 
+def _streamable(nbytes, threads):
+    """Whether an output of ``nbytes`` written by ``threads`` threads is large enough to stream."""
+    return _STREAM_MIN_BYTES is not None and nbytes >= _STREAM_MIN_BYTES * threads
+
+
 def _stream(out, threads):
-    if _STREAM_MIN_BYTES is None or out.data.nbytes < _STREAM_MIN_BYTES * threads:
+    if not _streamable(out.data.nbytes, threads):
         return False
     view = out.view
     row = view.shape[-1] * view.itemsize  # S, or C channels-last

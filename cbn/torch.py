@@ -826,17 +826,14 @@ class SyncBatchNorm(_TorchBatchNorm):
                                         or bias is not None and bias.requires_grad):
             return _apply(_APPLY_EVAL, input, weight, bias,
                           (cache[7], cache[8], cache[5], cache[6], self.eps, self.num_features))
-        array = _plain_array(input, self.num_features)
-        batch = _input_batch(input, self.num_features) if array is None else \
-            _layout.as_batch(array, self.num_features, None, "(N, C, ...)")
+        batch = _input_batch(input, self.num_features)
         coefficients = cache[9].get(batch.dtype)
         if coefficients is None:
             coefficients = cache[9][batch.dtype] = _layout.normalization_coefficients(
                 cache[7], cache[8], cache[5], cache[6], self.eps, batch.dtype)[1:]
         center, scale, shift = coefficients
         y = _layout.scale_shift(batch, scale, shift, kernel_threads(), None, center)
-        # a plain float32/float64 input: the output is already of its dtype
-        return _output(input, y) if array is None else torch.from_numpy(y.data)
+        return _output(input, y)
 
     def _scripted_forward(self, input: Tensor) -> Tensor:
         # TorchScript: eval is torch's batch norm (portable); training runs the

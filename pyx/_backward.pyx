@@ -6,9 +6,10 @@ precomputes four coefficients per channel; these kernels then write
 ``dx = a[c] * dy + b[c] * (x - m[c]) + c[c]`` in one pass.
 """
 from cython.parallel cimport prange
+from libc.stdlib cimport malloc, free
 
 from _blocks cimport (unit_count, ceil_div, threads_for, check_rows, check_extents,
-                     per_channel_kind)
+                     per_channel)
 
 # The elementwise loops of cbn_simd.h, with streaming stores on request.
 cdef extern from "cbn_stream.h" nogil:
@@ -138,32 +139,26 @@ def coefficients(const double[::1] sum_dy, const double[::1] sum_dy_xc,
     computes in NumPy).
     """
     cdef Py_ssize_t C = sum_dy.shape[0], ch
-    cdef const double[::1] w64
-    cdef const float[::1] w32
-    cdef int w_kind = per_channel_kind(weight, C, "weight")   # 0: absent, 1: f64, 2: f32
     cdef double ac, bc
-    if w_kind < 0:
-        return False
-    if w_kind == 1:
-        w64 = weight
-    elif w_kind == 2:
-        w32 = weight
     check_extents(C, sum_dy_xc.shape[0], "sum_dy_xc")
     check_extents(C, invstd.shape[0], "invstd")
     check_extents(C, mean.shape[0], "mean")
     for ch in range(4):
         check_extents(C, (a, b, m, c)[ch].shape[0], "a coefficient")
-    with nogil:
-        for ch in range(C):
-            if w_kind == 1:
-                ac = w64[ch] * invstd[ch]
-            elif w_kind == 2:
-                ac = w32[ch] * invstd[ch]
-            else:
-                ac = invstd[ch]
-            bc = -ac * (sum_dy_xc[ch] * invstd[ch] * invstd[ch] / count)
-            m[ch] = <floating> mean[ch]
-            a[ch] = <floating> ac
-            b[ch] = <floating> bc
-            c[ch] = <floating> (-ac * sum_dy[ch] / count - bc * (mean[ch] - <double> m[ch]))
+    cdef double *w = <double *> malloc(max(C, 1) * sizeof(double))
+    if w == NULL:
+        raise MemoryError()
+    try:
+        if not per_channel(weight, C, "weight", 1.0, w):
+            return False
+        with nogil:
+            for ch in range(C):
+                ac = w[ch] * invstd[ch]
+                bc = -ac * (sum_dy_xc[ch] * invstd[ch] * invstd[ch] / count)
+                m[ch] = <floating> mean[ch]
+                a[ch] = <floating> ac
+                b[ch] = <floating> bc
+                c[ch] = <floating> (-ac * sum_dy[ch] / count - bc * (mean[ch] - <double> m[ch]))
+    finally:
+        free(w)
     return True

@@ -73,14 +73,32 @@ cdef inline int check_extents(Py_ssize_t expected, Py_ssize_t got, str what) exc
     return 0
 
 
-cdef inline int per_channel_kind(value, Py_ssize_t C, str name) except -2:
-    """How a kernel takes an optional (C,) array such as the weight: 0 None,
-    1 contiguous float64, 2 contiguous float32, -1 anything else (the caller
-    computes in NumPy); a wrong length raises ValueError naming it."""
+cdef inline bint per_channel(value, Py_ssize_t C, str name, double absent,
+                             double *out) except -1:
+    """An optional (C,) array such as the weight, as float64 into ``out``.
+
+    None fills ``out`` with ``absent`` (1.0 for a weight; -0.0 for a bias,
+    since ``v + -0.0 == v`` bitwise); a contiguous float32/float64 array is
+    copied.  False for anything else (``out`` untouched: the caller computes
+    in NumPy); a wrong length raises ValueError naming it.
+    """
+    cdef const double[::1] v64
+    cdef const float[::1] v32
+    cdef Py_ssize_t c
     if value is None:
-        return 0
+        for c in range(C):
+            out[c] = absent
+        return True
     if value.dtype.char not in "fd" or not value.flags.c_contiguous or value.ndim != 1:
-        return -1
+        return False
     if value.shape[0] != C:
         raise ValueError(f"cbn kernel: {name} has extent {value.shape[0]}, expected {C}")
-    return 1 if value.dtype.char == "d" else 2
+    if value.dtype.char == "d":
+        v64 = value
+        for c in range(C):
+            out[c] = v64[c]
+    else:
+        v32 = value
+        for c in range(C):
+            out[c] = v32[c]
+    return True

@@ -16,7 +16,7 @@ from libc.math cimport sqrt
 from libc.stdlib cimport malloc, free
 
 from _blocks cimport (unit_count, ceil_div, threads_for, check_rows, check_extents,
-                     per_channel_kind)
+                     per_channel)
 
 # The elementwise loops of cbn_simd.h, with streaming stores on request.
 cdef extern from "cbn_stream.h" nogil:
@@ -135,61 +135,36 @@ def coefficients(const double[::1] mean, const double[::1] var, weight, bias, do
     anything else returns False (the caller computes in NumPy).
     """
     cdef Py_ssize_t C = mean.shape[0], c
-    cdef const double[::1] w64
-    cdef const float[::1] w32
-    cdef const double[::1] b64
-    cdef const float[::1] b32
-    cdef int w_kind = per_channel_kind(weight, C, "weight")   # 0: absent, 1: f64, 2: f32
-    if w_kind < 0:
-        return False
-    cdef int b_kind = per_channel_kind(bias, C, "bias")
-    if b_kind < 0:
-        return False
-    if w_kind == 1:
-        w64 = weight
-    elif w_kind == 2:
-        w32 = weight
-    if b_kind == 1:
-        b64 = bias
-    elif b_kind == 2:
-        b32 = bias
     check_extents(C, var.shape[0], "var")
     check_extents(C, invstd.shape[0], "invstd")
     check_extents(C, center.shape[0], "center")
     check_extents(C, scale.shape[0], "scale")
     check_extents(C, shift.shape[0], "shift")
     # Loops without branches inside, so that they vectorise (sqrt and divide
-    # are the slow part); scale and shift go through full-precision scratch.
-    cdef double *full = <double *> malloc(2 * max(C, 1) * sizeof(double))
+    # are the slow part); weight, bias, scale and shift go through float64 scratch.
+    cdef double *full = <double *> malloc(4 * max(C, 1) * sizeof(double))
     cdef double *rest = full + C
+    cdef double *w = rest + C
+    cdef double *b = w + C
     if full == NULL:
         raise MemoryError()
-    with nogil:
-        for c in range(C):
-            invstd[c] = 1.0 / sqrt(var[c] + eps)
-        if w_kind == 1:
+    try:
+        if not (per_channel(weight, C, "weight", 1.0, w)
+                and per_channel(bias, C, "bias", -0.0, b)):
+            return False
+        with nogil:
             for c in range(C):
-                full[c] = w64[c] * invstd[c]
-        elif w_kind == 2:
+                invstd[c] = 1.0 / sqrt(var[c] + eps)
             for c in range(C):
-                full[c] = w32[c] * invstd[c]
-        else:
+                full[c] = w[c] * invstd[c]
             for c in range(C):
-                full[c] = invstd[c]
-        for c in range(C):
-            center[c] = <floating> mean[c]
-            scale[c] = <floating> full[c]
-            rest[c] = -(mean[c] - <double> center[c]) * full[c]
-        if b_kind == 1:
+                center[c] = <floating> mean[c]
+                scale[c] = <floating> full[c]
+                rest[c] = -(mean[c] - <double> center[c]) * full[c]
             for c in range(C):
-                shift[c] = <floating> (rest[c] + b64[c])
-        elif b_kind == 2:
-            for c in range(C):
-                shift[c] = <floating> (rest[c] + b32[c])
-        else:
-            for c in range(C):
-                shift[c] = <floating> rest[c]
-    free(full)
+                shift[c] = <floating> (rest[c] + b[c])
+    finally:
+        free(full)
     return True
 
 
