@@ -53,7 +53,7 @@ def grad_input_ncs(const floating[:, :, :] dy, const floating[:, :, :] x,
     cdef Py_ssize_t g_sn = dy.strides[0] // item, g_sc = dy.strides[1] // item
     cdef Py_ssize_t x_sn = x.strides[0] // item, x_sc = x.strides[1] // item
     cdef Py_ssize_t o_sn = out.strides[0] // item, o_sc = out.strides[1] // item
-    cdef Py_ssize_t rows = N * C, piece, pieces, r0, r1
+    cdef Py_ssize_t rows = N * C, piece, pieces
     cdef int threads = threads_for(N * C * S, n_threads)
     cdef Py_ssize_t axis
     for axis in range(3):
@@ -69,17 +69,27 @@ def grad_input_ncs(const floating[:, :, :] dy, const floating[:, :, :] x,
     # One contiguous range of rows per thread, each done in one call.
     pieces = min(rows, threads)
     with nogil:
-        for piece in prange(pieces, num_threads=threads, schedule='static'):
-            r0 = piece * rows // pieces
-            r1 = (piece + 1) * rows // pieces
-            if floating is float:
-                cbn_ncs_grad_input_stream_f(&dy[0, 0, 0], g_sn, g_sc, &x[0, 0, 0], x_sn,
-                                            x_sc, &out[0, 0, 0], o_sn, o_sc, C, S, r0, r1,
-                                            &a[0], &b[0], &m[0], &c[0], stream)
-            else:
-                cbn_ncs_grad_input_stream_d(&dy[0, 0, 0], g_sn, g_sc, &x[0, 0, 0], x_sn,
-                                            x_sc, &out[0, 0, 0], o_sn, o_sc, C, S, r0, r1,
-                                            &a[0], &b[0], &m[0], &c[0], stream)
+        if pieces == 1:  # a parallel region of one thread still costs ~1 us
+            _ncs_rows(&dy[0, 0, 0], g_sn, g_sc, &x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], o_sn,
+                      o_sc, C, S, 0, rows, &a[0], &b[0], &m[0], &c[0], stream)
+        else:
+            for piece in prange(pieces, num_threads=threads, schedule='static'):
+                _ncs_rows(&dy[0, 0, 0], g_sn, g_sc, &x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0],
+                          o_sn, o_sc, C, S, piece * rows // pieces,
+                          (piece + 1) * rows // pieces, &a[0], &b[0], &m[0], &c[0], stream)
+
+
+cdef inline void _ncs_rows(const floating *dy, Py_ssize_t g_sn, Py_ssize_t g_sc,
+                           const floating *x, Py_ssize_t x_sn, Py_ssize_t x_sc, floating *dx,
+                           Py_ssize_t o_sn, Py_ssize_t o_sc, Py_ssize_t C, Py_ssize_t S,
+                           Py_ssize_t r0, Py_ssize_t r1, const floating *a, const floating *b,
+                           const floating *m, const floating *c, bint stream) noexcept nogil:
+    if floating is float:
+        cbn_ncs_grad_input_stream_f(dy, g_sn, g_sc, x, x_sn, x_sc, dx, o_sn, o_sc, C, S, r0,
+                                    r1, a, b, m, c, stream)
+    else:
+        cbn_ncs_grad_input_stream_d(dy, g_sn, g_sc, x, x_sn, x_sc, dx, o_sn, o_sc, C, S, r0,
+                                    r1, a, b, m, c, stream)
 
 
 def grad_input_mc(const floating[:, :] dy, const floating[:, :] x,
@@ -96,7 +106,7 @@ def grad_input_mc(const floating[:, :] dy, const floating[:, :] x,
     cdef Py_ssize_t dy_stride = dy.strides[0] // sizeof(floating)
     cdef Py_ssize_t x_stride = x.strides[0] // sizeof(floating)
     cdef Py_ssize_t out_stride = out.strides[0] // sizeof(floating)
-    cdef Py_ssize_t j, r0, rows
+    cdef Py_ssize_t j
     cdef int threads = threads_for(M * C, n_threads)
     cdef Py_ssize_t axis
     for axis in range(2):
@@ -110,18 +120,32 @@ def grad_input_mc(const floating[:, :] dy, const floating[:, :] x,
     if M == 0 or C == 0:
         return
     with nogil:
-        for j in prange(units, num_threads=threads, schedule='static'):
-            r0 = j * rows_per_unit
-            rows = min(M, r0 + rows_per_unit) - r0
-            if rows > 0:
-                if floating is float:
-                    cbn_rows_grad_input_stream_f(&dy[r0, 0], dy_stride, &x[r0, 0],
-                                                 x_stride, &out[r0, 0], out_stride, rows,
-                                                 C, &a[0], &b[0], &m[0], &c[0], stream)
-                else:
-                    cbn_rows_grad_input_stream_d(&dy[r0, 0], dy_stride, &x[r0, 0],
-                                                 x_stride, &out[r0, 0], out_stride, rows,
-                                                 C, &a[0], &b[0], &m[0], &c[0], stream)
+        if threads == 1:  # a parallel region of one thread still costs ~1 us
+            for j in range(units):
+                _mc_unit(&dy[0, 0], dy_stride, &x[0, 0], x_stride, &out[0, 0], out_stride, M,
+                         C, j, rows_per_unit, &a[0], &b[0], &m[0], &c[0], stream)
+        else:
+            for j in prange(units, num_threads=threads, schedule='static'):
+                _mc_unit(&dy[0, 0], dy_stride, &x[0, 0], x_stride, &out[0, 0], out_stride, M,
+                         C, j, rows_per_unit, &a[0], &b[0], &m[0], &c[0], stream)
+
+
+cdef inline void _mc_unit(const floating *dy, Py_ssize_t dy_stride, const floating *x,
+                          Py_ssize_t x_stride, floating *dx, Py_ssize_t dx_stride, Py_ssize_t M,
+                          Py_ssize_t C, Py_ssize_t j, Py_ssize_t rows_per_unit,
+                          const floating *a, const floating *b, const floating *m,
+                          const floating *c, bint stream) noexcept nogil:
+    cdef Py_ssize_t r0 = j * rows_per_unit
+    cdef Py_ssize_t rows = min(M, r0 + rows_per_unit) - r0
+    if rows > 0:
+        if floating is float:
+            cbn_rows_grad_input_stream_f(dy + r0 * dy_stride, dy_stride, x + r0 * x_stride,
+                                         x_stride, dx + r0 * dx_stride, dx_stride, rows, C,
+                                         a, b, m, c, stream)
+        else:
+            cbn_rows_grad_input_stream_d(dy + r0 * dy_stride, dy_stride, x + r0 * x_stride,
+                                         x_stride, dx + r0 * dx_stride, dx_stride, rows, C,
+                                         a, b, m, c, stream)
 
 
 def coefficients(const double[::1] sum_dy, const double[::1] sum_dy_xc,

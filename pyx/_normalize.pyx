@@ -55,7 +55,7 @@ def scale_shift_ncs(const floating[:, :, :] x, const floating[::1] center,
     cdef Py_ssize_t item = sizeof(floating)
     cdef Py_ssize_t x_sn = x.strides[0] // item, x_sc = x.strides[1] // item
     cdef Py_ssize_t y_sn = out.strides[0] // item, y_sc = out.strides[1] // item
-    cdef Py_ssize_t rows = N * C, piece, pieces, r0, r1
+    cdef Py_ssize_t rows = N * C, piece, pieces
     cdef int threads = threads_for(N * C * S, n_threads)
     check_rows(x.strides[2], S, sizeof(floating))
     check_rows(out.strides[2], S, sizeof(floating))
@@ -70,17 +70,27 @@ def scale_shift_ncs(const floating[:, :, :] x, const floating[::1] center,
     # One contiguous range of rows per thread, each done in one call.
     pieces = min(rows, threads)
     with nogil:
-        for piece in prange(pieces, num_threads=threads, schedule='static'):
-            r0 = piece * rows // pieces
-            r1 = (piece + 1) * rows // pieces
-            if floating is float:
-                cbn_ncs_scale_shift_stream_f(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn,
-                                             y_sc, C, S, r0, r1, &center[0], &scale[0],
-                                             &shift[0], stream)
-            else:
-                cbn_ncs_scale_shift_stream_d(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn,
-                                             y_sc, C, S, r0, r1, &center[0], &scale[0],
-                                             &shift[0], stream)
+        if pieces == 1:  # a parallel region of one thread still costs ~1 us
+            _ncs_rows(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn, y_sc, C, S, 0, rows,
+                      &center[0], &scale[0], &shift[0], stream)
+        else:
+            for piece in prange(pieces, num_threads=threads, schedule='static'):
+                _ncs_rows(&x[0, 0, 0], x_sn, x_sc, &out[0, 0, 0], y_sn, y_sc, C, S,
+                          piece * rows // pieces, (piece + 1) * rows // pieces,
+                          &center[0], &scale[0], &shift[0], stream)
+
+
+cdef inline void _ncs_rows(const floating *x, Py_ssize_t x_sn, Py_ssize_t x_sc, floating *y,
+                           Py_ssize_t y_sn, Py_ssize_t y_sc, Py_ssize_t C, Py_ssize_t S,
+                           Py_ssize_t r0, Py_ssize_t r1, const floating *center,
+                           const floating *scale, const floating *shift,
+                           bint stream) noexcept nogil:
+    if floating is float:
+        cbn_ncs_scale_shift_stream_f(x, x_sn, x_sc, y, y_sn, y_sc, C, S, r0, r1, center,
+                                     scale, shift, stream)
+    else:
+        cbn_ncs_scale_shift_stream_d(x, x_sn, x_sc, y, y_sn, y_sc, C, S, r0, r1, center,
+                                     scale, shift, stream)
 
 
 def scale_shift_mc(const floating[:, :] x, const floating[::1] center,
@@ -95,7 +105,7 @@ def scale_shift_mc(const floating[:, :] x, const floating[::1] center,
     cdef Py_ssize_t rows_per_unit = ceil_div(M, units)
     cdef Py_ssize_t x_stride = x.strides[0] // sizeof(floating)
     cdef Py_ssize_t out_stride = out.strides[0] // sizeof(floating)
-    cdef Py_ssize_t j, r0, rows
+    cdef Py_ssize_t j
     cdef int threads = threads_for(M * C, n_threads)
     check_rows(x.strides[1], C, sizeof(floating))
     check_rows(out.strides[1], C, sizeof(floating))
@@ -107,18 +117,30 @@ def scale_shift_mc(const floating[:, :] x, const floating[::1] center,
     if M == 0 or C == 0:
         return
     with nogil:
-        for j in prange(units, num_threads=threads, schedule='static'):
-            r0 = j * rows_per_unit
-            rows = min(M, r0 + rows_per_unit) - r0
-            if rows > 0:
-                if floating is float:
-                    cbn_rows_scale_shift_stream_f(&x[r0, 0], x_stride, &out[r0, 0],
-                                                  out_stride, rows, C, &center[0],
-                                                  &scale[0], &shift[0], stream)
-                else:
-                    cbn_rows_scale_shift_stream_d(&x[r0, 0], x_stride, &out[r0, 0],
-                                                  out_stride, rows, C, &center[0],
-                                                  &scale[0], &shift[0], stream)
+        if threads == 1:  # a parallel region of one thread still costs ~1 us
+            for j in range(units):
+                _mc_unit(&x[0, 0], x_stride, &out[0, 0], out_stride, M, C, j, rows_per_unit,
+                         &center[0], &scale[0], &shift[0], stream)
+        else:
+            for j in prange(units, num_threads=threads, schedule='static'):
+                _mc_unit(&x[0, 0], x_stride, &out[0, 0], out_stride, M, C, j, rows_per_unit,
+                         &center[0], &scale[0], &shift[0], stream)
+
+
+cdef inline void _mc_unit(const floating *x, Py_ssize_t x_stride, floating *out,
+                          Py_ssize_t out_stride, Py_ssize_t M, Py_ssize_t C, Py_ssize_t j,
+                          Py_ssize_t rows_per_unit, const floating *center,
+                          const floating *scale, const floating *shift,
+                          bint stream) noexcept nogil:
+    cdef Py_ssize_t r0 = j * rows_per_unit
+    cdef Py_ssize_t rows = min(M, r0 + rows_per_unit) - r0
+    if rows > 0:
+        if floating is float:
+            cbn_rows_scale_shift_stream_f(x + r0 * x_stride, x_stride, out + r0 * out_stride,
+                                          out_stride, rows, C, center, scale, shift, stream)
+        else:
+            cbn_rows_scale_shift_stream_d(x + r0 * x_stride, x_stride, out + r0 * out_stride,
+                                          out_stride, rows, C, center, scale, shift, stream)
 
 
 def coefficients(const double[::1] mean, const double[::1] var, weight, bias, double eps,

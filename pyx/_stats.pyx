@@ -69,12 +69,67 @@ cdef inline void reduce_sample(Reduction kind, const floating *a, Py_ssize_t a_s
             cbn_sample_grad_sums_d(a, a_sc, b, b_sc, C, S, k, acc)
 
 
+cdef inline void _ncs_chunk(Reduction kind, const floating[:, :, :] a, Py_ssize_t a_sc,
+                            const floating[:, :, :] b, Py_ssize_t b_sc, Py_ssize_t j,
+                            Py_ssize_t rows_per_unit, const double *k,
+                            double *partial) noexcept nogil:
+    """Unit ``j`` of an (N, C, S) reduction cut into chunks of the batch: every channel."""
+    cdef Py_ssize_t N = a.shape[0], C = a.shape[1], S = a.shape[2], n
+    memset(&partial[2 * j * C], 0, 2 * C * sizeof(double))
+    if C > 0 and S > 0:
+        for n in range(j * rows_per_unit, min(N, (j + 1) * rows_per_unit)):
+            reduce_sample(kind, &a[n, 0, 0], a_sc, &b[n, 0, 0], b_sc, C, S, k,
+                          &partial[2 * j * C])
+
+
+cdef inline void _ncs_segment(Reduction kind, const floating[:, :, :] a,
+                              const floating[:, :, :] b, Py_ssize_t g, Py_ssize_t segments,
+                              Py_ssize_t seg_len, const double *k,
+                              double *partial) noexcept nogil:
+    """Cell ``g`` of an (N, C, S) reduction cut into row segments: (n, c, segment)."""
+    cdef Py_ssize_t C = a.shape[1], S = a.shape[2]
+    cdef Py_ssize_t n = g // (C * segments), c = (g // segments) % C
+    cdef Py_ssize_t s0 = (g % segments) * seg_len
+    cdef Py_ssize_t s1 = min(S, s0 + seg_len)
+    partial[2 * g] = 0.0
+    partial[2 * g + 1] = 0.0
+    if s1 > s0:
+        reduce_row(kind, &a[n, c, s0], &b[n, c, s0], s1 - s0, k[c], &partial[2 * g],
+                   &partial[2 * g + 1])
+
+
+cdef inline void _mc_unit(Reduction kind, const floating[:, :] a, Py_ssize_t a_stride,
+                          const floating[:, :] b, Py_ssize_t b_stride, Py_ssize_t j,
+                          Py_ssize_t rows_per_unit, const double *k,
+                          double *partial) noexcept nogil:
+    """Unit ``j`` of a channels-last (M, C) reduction: a block of rows, every channel."""
+    cdef Py_ssize_t M = a.shape[0], C = a.shape[1]
+    cdef double *ps = &partial[2 * j * C]
+    cdef double *pq = &partial[2 * j * C + C]
+    cdef Py_ssize_t r0 = j * rows_per_unit
+    cdef Py_ssize_t rows = min(M, r0 + rows_per_unit) - r0
+    memset(ps, 0, 2 * C * sizeof(double))
+    if rows > 0 and C > 0:
+        if kind == MOMENTS:
+            if floating is float:
+                cbn_rows_moments_f(&a[r0, 0], rows, a_stride, C, k, ps, pq)
+            else:
+                cbn_rows_moments_d(&a[r0, 0], rows, a_stride, C, k, ps, pq)
+        else:
+            if floating is float:
+                cbn_rows_grad_sums_f(&a[r0, 0], a_stride, &b[r0, 0], b_stride, rows, C, k,
+                                     ps, pq)
+            else:
+                cbn_rows_grad_sums_d(&a[r0, 0], a_stride, &b[r0, 0], b_stride, rows, C, k,
+                                     ps, pq)
+
+
 cdef int reduce_ncs(Reduction kind, const floating[:, :, :] a, const floating[:, :, :] b,
                     const double[::1] k, double[::1] out_s, double[::1] out_q,
                     int n_threads) except -1:
     cdef Py_ssize_t N = a.shape[0], C = a.shape[1], S = a.shape[2]
     cdef Py_ssize_t units, rows_per_unit, segments, seg_len, cells
-    cdef Py_ssize_t j, n, c, g, s0, s1, base
+    cdef Py_ssize_t j, c, g, base
     cdef double *partial
     cdef int threads = threads_for(N * C * S, n_threads)
     cdef Py_ssize_t a_sc = a.strides[1] // <Py_ssize_t> sizeof(floating)
@@ -105,24 +160,19 @@ cdef int reduce_ncs(Reduction kind, const floating[:, :, :] a, const floating[:,
     if partial == NULL:
         raise MemoryError()
     with nogil:
-        if N >= SMALL_BATCH:
+        # (One thread without a parallel region: a region of one thread still costs ~1 us.)
+        if N >= SMALL_BATCH and threads == 1:
+            for j in range(units):
+                _ncs_chunk(kind, a, a_sc, b, b_sc, j, rows_per_unit, &k[0], partial)
+        elif N >= SMALL_BATCH:
             for j in prange(units, num_threads=threads, schedule='static'):
-                memset(&partial[2 * j * C], 0, 2 * C * sizeof(double))
-                if C > 0 and S > 0:
-                    for n in range(j * rows_per_unit, min(N, (j + 1) * rows_per_unit)):
-                        reduce_sample(kind, &a[n, 0, 0], a_sc, &b[n, 0, 0], b_sc, C, S,
-                                      &k[0], &partial[2 * j * C])
+                _ncs_chunk(kind, a, a_sc, b, b_sc, j, rows_per_unit, &k[0], partial)
+        elif threads == 1:
+            for g in range(cells):
+                _ncs_segment(kind, a, b, g, segments, seg_len, &k[0], partial)
         else:
             for g in prange(cells, num_threads=threads, schedule='static'):
-                n = g // (C * segments)
-                c = (g // segments) % C
-                s0 = (g % segments) * seg_len
-                s1 = min(S, s0 + seg_len)
-                partial[2 * g] = 0.0
-                partial[2 * g + 1] = 0.0
-                if s1 > s0:
-                    reduce_row(kind, &a[n, c, s0], &b[n, c, s0], s1 - s0, k[c],
-                               &partial[2 * g], &partial[2 * g + 1])
+                _ncs_segment(kind, a, b, g, segments, seg_len, &k[0], partial)
         # Merge in unit order: (chunk or row) outer, segment inner.
         for c in range(C):
             out_s[c] = 0.0
@@ -145,10 +195,8 @@ cdef int reduce_mc(Reduction kind, const floating[:, :] a, const floating[:, :] 
     cdef Py_ssize_t rows_per_unit = ceil_div(M, units)
     cdef Py_ssize_t a_stride = a.strides[0] // sizeof(floating)
     cdef Py_ssize_t b_stride = b.strides[0] // sizeof(floating)
-    cdef Py_ssize_t j, c, r0, rows
+    cdef Py_ssize_t j, c
     cdef double *partial = <double *> malloc(2 * units * max(C, 1) * sizeof(double))
-    cdef double *ps
-    cdef double *pq
     if partial == NULL:
         raise MemoryError()
     cdef int threads = threads_for(M * C, n_threads)
@@ -160,25 +208,12 @@ cdef int reduce_mc(Reduction kind, const floating[:, :] a, const floating[:, :] 
     check_extents(C, out_s.shape[0], "the output")
     check_extents(C, out_q.shape[0], "the output")
     with nogil:
-        for j in prange(units, num_threads=threads, schedule='static'):
-            ps = &partial[2 * j * C]
-            pq = &partial[2 * j * C + C]
-            memset(ps, 0, 2 * C * sizeof(double))
-            r0 = j * rows_per_unit
-            rows = min(M, r0 + rows_per_unit) - r0
-            if rows > 0 and C > 0:
-                if kind == MOMENTS:
-                    if floating is float:
-                        cbn_rows_moments_f(&a[r0, 0], rows, a_stride, C, &k[0], ps, pq)
-                    else:
-                        cbn_rows_moments_d(&a[r0, 0], rows, a_stride, C, &k[0], ps, pq)
-                else:
-                    if floating is float:
-                        cbn_rows_grad_sums_f(&a[r0, 0], a_stride, &b[r0, 0], b_stride,
-                                             rows, C, &k[0], ps, pq)
-                    else:
-                        cbn_rows_grad_sums_d(&a[r0, 0], a_stride, &b[r0, 0], b_stride,
-                                             rows, C, &k[0], ps, pq)
+        if threads == 1:  # a parallel region of one thread still costs ~1 us
+            for j in range(units):
+                _mc_unit(kind, a, a_stride, b, b_stride, j, rows_per_unit, &k[0], partial)
+        else:
+            for j in prange(units, num_threads=threads, schedule='static'):
+                _mc_unit(kind, a, a_stride, b, b_stride, j, rows_per_unit, &k[0], partial)
         for c in range(C):
             out_s[c] = 0.0
             out_q[c] = 0.0
