@@ -125,7 +125,9 @@ def as_batch(x, num_features, valid_ndims, what):
         # The common cases, without the general layout search (inside a network
         # the caches are cold, and each failed view attempt costs tens of us).
         if a.flags.c_contiguous:
-            if ndim == 2 or a.size == shape[0] * shape[1]:
+            if ndim == 2:  # (N, C): the array is its own kernel view
+                return Batch(a, a, True, dtype)
+            if a.size == shape[0] * shape[1]:
                 return Batch(a, a.reshape(shape[0], shape[1]), True, dtype)
             return Batch(a, a.reshape(shape[0], shape[1], -1), False, dtype)
         if ndim > 2 and a.strides[1] == a.itemsize:
@@ -232,7 +234,6 @@ def _new(shape, dtype, size, threads):
     outputs stay as malloc gives them: aligned, eval of (32,256,14,14) at one
     thread was 5-20% slower in interleaved runs, for no reason found.
     """
-    dtype = np.dtype(dtype)
     itemsize = dtype.itemsize
     if not threads or not _streamable(size * itemsize, threads):
         return np.empty(shape, dtype)  # (aligning costs three more NumPy calls)
@@ -269,7 +270,11 @@ def reusable(spare, batch):
 
 def empty_like(batch, dtype=None, threads=0):
     """An uninitialised Batch with ``batch``'s shape, dtype and layout (``threads``: _empty)."""
-    data, view = _empty(batch.shape, dtype or batch.dtype, batch.channels_last, threads)
+    dtype = batch.dtype if dtype is None else np.dtype(dtype)
+    if batch.channels_last and len(batch.shape) == 2:  # (N, C): its own kernel view
+        data = view = np.empty(batch.shape, dtype)
+    else:
+        data, view = _empty(batch.shape, dtype, batch.channels_last, threads)
     return Batch(data, view, batch.channels_last, batch.result_dtype)
 
 
@@ -355,13 +360,18 @@ _STREAM_MIN_ROW_BYTES = 2048
 _LINE = 64
 
 
+# The same threshold as a number (no streaming stores: never reached).
+_STREAM_FROM = float("inf") if _STREAM_MIN_BYTES is None else _STREAM_MIN_BYTES
+
+
 def _streamable(nbytes, threads):
     """Whether an output of ``nbytes`` written by ``threads`` threads is large enough to stream."""
-    return _STREAM_MIN_BYTES is not None and nbytes >= _STREAM_MIN_BYTES * threads
+    return nbytes >= _STREAM_FROM * threads
 
 
 def _stream(out, threads):
-    if not _streamable(out.data.nbytes, threads):
+    """Whether the kernel writing ``out`` on ``threads`` threads should stream it."""
+    if out.data.nbytes < _STREAM_FROM * threads:  # _streamable inline: small calls are common
         return False
     view = out.view
     row = view.shape[-1] * view.itemsize  # S, or C channels-last
