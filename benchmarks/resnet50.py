@@ -130,6 +130,18 @@ def bn_milliseconds(torch, step):
     return bn_us / 1e3, total * 1e3, sorted(names)
 
 
+def profiled_medians(torch, steps, rounds):
+    """{name: (median BN ms, median step ms, event names)} over ``rounds`` profiled steps each,
+    interleaved: one profiled step swung the BN time by 10-20% between runs."""
+    samples = {name: [] for name in steps}
+    for r in range(rounds):
+        for name in (list(steps) if r % 2 == 0 else list(steps)[::-1]):
+            samples[name].append(bn_milliseconds(torch, steps[name]))
+    return {name: (statistics.median(bn for bn, _, _ in runs),
+                   statistics.median(total for _, total, _ in runs), runs[0][2])
+            for name, runs in samples.items()}
+
+
 def run(torch, threads_list, quick=False, log=print):
     import cbn
     import cbn.torch as cbn_torch
@@ -189,7 +201,7 @@ def run(torch, threads_list, quick=False, log=print):
             m.train()
         steps = {name: train_step(m) for name, m in models.items()}
         times = interleaved(steps, rounds=2 if quick else 6)
-        profiled = {name: bn_milliseconds(torch, step) for name, step in steps.items()}
+        profiled = profiled_medians(torch, steps, rounds=1 if quick else 3)
         row = {"kind": "train", "label": train_label, "threads": threads,
                "torch_ms": times["torch"] * 1e3, "cbn_ms": times["cbn.torch"] * 1e3,
                "torch_bn_ms": profiled["torch"][0], "cbn_bn_ms": profiled["cbn.torch"][0],
