@@ -210,6 +210,9 @@ def _empty(shape, dtype, channels_last, threads=0):
     (0: not a streamed output); a channels-last output that will be streamed
     starts on a cache line (``_new``).
     """
+    if channels_last and len(shape) == 2:  # (N, C): the array is its own kernel view
+        data = np.empty(shape, dtype)
+        return data, data
     n, c = shape[0], shape[1]
     spatial = 1
     for size in shape[2:]:
@@ -217,9 +220,6 @@ def _empty(shape, dtype, channels_last, threads=0):
     if not channels_last:
         data = np.empty(shape, dtype)
         return data, data.reshape(n, c, spatial)
-    if len(shape) == 2:
-        data = np.empty(shape, dtype)
-        return data, data
     base = _new((n,) + tuple(shape[2:]) + (c,), dtype, n * c * spatial, threads)  # NHWC
     order = (0, base.ndim - 1) + tuple(range(1, base.ndim - 1))
     return base.transpose(order), base.reshape(n * spatial, c)
@@ -271,10 +271,7 @@ def reusable(spare, batch):
 def empty_like(batch, dtype=None, threads=0):
     """An uninitialised Batch with ``batch``'s shape, dtype and layout (``threads``: _empty)."""
     dtype = batch.dtype if dtype is None else np.dtype(dtype)
-    if batch.channels_last and len(batch.shape) == 2:  # (N, C): its own kernel view
-        data = view = np.empty(batch.shape, dtype)
-    else:
-        data, view = _empty(batch.shape, dtype, batch.channels_last, threads)
+    data, view = _empty(batch.shape, dtype, batch.channels_last, threads)
     return Batch(data, view, batch.channels_last, batch.result_dtype)
 
 
@@ -360,18 +357,14 @@ _STREAM_MIN_ROW_BYTES = 2048
 _LINE = 64
 
 
-# The same threshold as a number (no streaming stores: never reached).
-_STREAM_FROM = float("inf") if _STREAM_MIN_BYTES is None else _STREAM_MIN_BYTES
-
-
 def _streamable(nbytes, threads):
     """Whether an output of ``nbytes`` written by ``threads`` threads is large enough to stream."""
-    return nbytes >= _STREAM_FROM * threads
+    return _STREAM_MIN_BYTES is not None and nbytes >= _STREAM_MIN_BYTES * threads
 
 
 def _stream(out, threads):
     """Whether the kernel writing ``out`` on ``threads`` threads should stream it."""
-    if out.data.nbytes < _STREAM_FROM * threads:  # _streamable inline: small calls are common
+    if not _streamable(out.data.nbytes, threads):
         return False
     view = out.view
     row = view.shape[-1] * view.itemsize  # S, or C channels-last

@@ -117,9 +117,7 @@ def batch_moments(batch):
         if count == 0:
             return 0, None, None, None
         check_count(count, batch.shape)
-    shift = _layout.first_values(batch)
-    s, q = _layout.moments(batch, shift, kernel_threads())
-    return count, s, q, shift
+    return moments(batch)
 
 
 # float64 per-channel mean and biased variance from shifted sums: mean_var(count, s, q, shift).

@@ -344,6 +344,12 @@ def _refuse_double_backward(global_stats):
 
 # --------------------------------------------------------------------------- eager autograd
 
+def _dtypes(input, weight, bias):
+    """The dtypes the gradients go back in: the input's, the weight's, the bias's (or None)."""
+    return (input.dtype, None if weight is None else weight.dtype,
+            None if bias is None else bias.dtype)
+
+
 class _BatchNormFunction(torch.autograd.Function):
     """(input, weight, bias) -> output, calling the NumPy core directly (the eager path).
 
@@ -362,8 +368,7 @@ class _BatchNormFunction(torch.autograd.Function):
         ctx.state = saved
         ctx.global_stats = global_stats if use_batch_stats else None
         ctx.use_batch_stats, ctx.eps = use_batch_stats, eps
-        ctx.dtypes = (input.dtype, None if weight is None else weight.dtype,
-                      None if bias is None else bias.dtype)
+        ctx.dtypes = _dtypes(input, weight, bias)
         ctx.save_for_backward(input, weight, bias)  # autograd refuses an input modified in place
         return y
 
@@ -409,8 +414,7 @@ class _EvalFunction(_BatchNormFunction):
         y, invstd = F.normalize(batch, mean, var, weight_np, bias_np, eps)
         ctx.state = F.Saved(batch, mean, invstd, weight_np, False, batch.count)
         ctx.global_stats, ctx.use_batch_stats, ctx.eps = None, False, eps
-        ctx.dtypes = (input.dtype, None if weight is None else weight.dtype,
-                      None if bias is None else bias.dtype)
+        ctx.dtypes = _dtypes(input, weight, bias)
         ctx.save_for_backward(input, weight, bias)
         return _output(input, y)
 
